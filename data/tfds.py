@@ -1,0 +1,78 @@
+"""TFDS image-classification datasets, read with `tfds.data_source` (random access, no TensorFlow) and grain.
+
+Prepared data must already be in `data_dir`: with no network a TFDS download hangs for minutes before it
+fails, so the directory is checked first and a missing dataset is a one-line error saying how to prepare it.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from data.augment import augment_images
+from data.sampling import Shard, eval_indices, train_indices
+
+
+def prepared_dir(name: str, data_dir: str) -> Path:
+    """The directory of the newest prepared version of `name`, or a one-line error saying how to prepare it."""
+    root = Path(data_dir).expanduser() / name
+    versions = sorted(p.parent for p in root.glob("*/dataset_info.json"))
+    if not versions:
+        raise FileNotFoundError(
+            f"TFDS dataset {name!r} is not prepared in {root.parent} (no {root}/<version>/dataset_info.json); "
+            f"prepare it where the network allows with: pip install -e '.[prepare]' && "
+            f"python -m data.prepare {name} --data_dir {root.parent}")
+    return versions[-1]
+
+
+def open_split(name: str, data_dir: str, split: str):
+    """A random-access source over one split of a prepared dataset, built from its files alone."""
+    import tensorflow_datasets as tfds  # imported here: it is slow to import and only this path needs it
+
+    builder = tfds.builder_from_directory(str(prepared_dir(name, data_dir)))
+    if split not in builder.info.splits:
+        raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (valid: {', '.join(builder.info.splits)})")
+    return builder.as_data_source(split=split)
+
+
+def to_example(record: dict, image_size: int, channels: int) -> dict[str, np.ndarray]:
+    """A TFDS record as float32 (S, S, C) image in [0, 1] and int32 label."""
+    image = np.asarray(record["image"])
+    if image.shape != (image_size, image_size, channels):
+        raise ValueError(f"TFDS image shape {image.shape} does not match the config's "
+                         f"(image_size, image_size, channels) = {(image_size, image_size, channels)}")
+    scale = 255.0 if image.dtype == np.uint8 else 1.0
+    return {"image": image.astype(np.float32) / scale, "label": np.int32(record["label"])}
+
+
+class TFDSImages:
+    """A TFDS image-classification dataset; the train split is shuffled per epoch from (seed, step)."""
+
+    task = "classify"
+
+    def __init__(self, name: str, data_dir: str, train_split: str = "train", test_split: str = "test",
+                 image_size: int = 28, channels: int = 1, augment: bool = False, seed: int = 0, **metadata):
+        self.name, self.augment, self.seed = name, augment, seed
+
+        def pipeline(split: str) -> grain.MapDataset:
+            source = open_split(name, data_dir, split)
+            return grain.MapDataset.source(source).map(lambda r: to_example(r, image_size, channels))
+
+        self.train, self.test = pipeline(train_split), pipeline(test_split)
+
+    @staticmethod
+    def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def train_batch(self, step: int, batch_size: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
+        idx = train_indices(len(self.train), batch_size, step, self.seed, shard)
+        batch = self._stack([self.train[int(i)] for i in idx])
+        if self.augment:
+            batch["image"] = augment_images(batch["image"], np.random.default_rng([self.seed, step, shard[0]]))
+        return batch
+
+    def eval_batches(self, batch_size: int, shard: Shard = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
+        for idx, mask in eval_indices(len(self.test), batch_size, shard):
+            batch = self._stack([self.test[int(i)] for i in idx])
+            yield batch | {"mask": mask}

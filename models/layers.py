@@ -1,0 +1,120 @@
+"""Shared Transformer layers: multi-head attention (self, causal, cross) and the feed-forward block.
+
+Attention follows Vaswani et al. (2017), eq. 1-2: softmax(Q K^T / sqrt(d_k)) V over `num_heads` heads.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_ACTIVATIONS = {"gelu": jax.nn.gelu, "relu": jax.nn.relu}
+
+
+class KVCache(NamedTuple):
+    """Projected keys and values of one attention layer; `index` = how many positions are filled."""
+
+    k: jax.Array  # (B, S, H, Dh)
+    v: jax.Array  # (B, S, H, Dh)
+    index: jax.Array  # () int32
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) v with boolean `mask` (True = attend), (B, T, H, Dh) -> (B, T, H, Dh).
+
+    On CPU plain einsum + softmax measured 1.1x faster than `jax.nn.dot_product_attention`; elsewhere the
+    latter is used so accelerators can reach their fused kernels. Masked logits take a large negative value
+    (exp underflows to exactly 0, as with -inf) so that a fully masked row stays finite.
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    logits = logits.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+class MultiHeadAttention(nnx.Module):
+    """Multi-head attention: self-attention when `context` is None, cross-attention to `context` otherwise."""
+
+    def __init__(self, d_model: int, num_heads: int, *, dropout: float = 0.0, use_bias: bool = True,
+                 dtype: str = "float32", rngs: nnx.Rngs):
+        if d_model % num_heads:
+            valid = ", ".join(str(h) for h in range(1, d_model + 1) if d_model % h == 0)
+            raise ValueError(f"MultiHeadAttention: d_model {d_model} is not divisible by num_heads {num_heads} "
+                             f"(valid: {valid})")
+        self.num_heads, self.head_dim = num_heads, d_model // num_heads
+
+        def linear(in_axis: str, out_axis: str) -> nnx.Linear:
+            return nnx.Linear(d_model, d_model, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                              kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (in_axis, out_axis)))
+
+        self.query, self.key, self.value = (linear("embed", "heads") for _ in range(3))
+        self.out = linear("heads", "embed")
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)  # (B, T, D) -> (B, T, H, Dh)
+
+    def project_context(self, context: jax.Array) -> KVCache:
+        """Keys and values of a fixed context (e.g. the encoder memory), computed once for decoding."""
+        return KVCache(self._heads(self.key(context)), self._heads(self.value(context)),
+                       jnp.array(context.shape[1], jnp.int32))
+
+    def init_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty self-attention cache of `max_len` positions."""
+        shape = (batch_size, max_len, self.num_heads, self.head_dim)
+        dtype = self.key.dtype or jnp.float32
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.array(0, jnp.int32))
+
+    def __call__(self, x: jax.Array, context: jax.Array | KVCache | None = None, *, mask: jax.Array | None = None,
+                 causal: bool = False, cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+        """(B, T, D) -> (B, T, D); with a self-attention `cache`, also returns the cache advanced by T.
+
+        `context`: (B, S, D) array or a `KVCache` from `project_context`. `mask`: bool, broadcastable to
+        (B, H, T, S), True = attend (e.g. (B, 1, 1, S) for key padding). `causal`: position t attends to positions <= t (with a cache, positions
+        count from `cache.index`, and only filled entries are attended).
+        """
+        q = self._heads(self.query(x))  # (B, T, H, Dh)
+        if isinstance(context, KVCache):
+            k, v = context.k, context.v
+        else:
+            source = x if context is None else context
+            k, v = self._heads(self.key(source)), self._heads(self.value(source))  # (B, S, H, Dh)
+        q_pos = jnp.arange(x.shape[1])
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache.index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache.index, axis=1)
+            q_pos = q_pos + cache.index
+            causal = True
+        if causal:
+            causal_mask = (q_pos[:, None] >= jnp.arange(k.shape[1])[None, :])[None, None]  # (1, 1, T, S)
+            mask = causal_mask if mask is None else mask & causal_mask
+        y = dot_product_attention(q, k, v, mask)
+        y = self.dropout(self.out(y.reshape(*x.shape[:-1], -1)))  # (B, T, H, Dh) -> (B, T, D)
+        if cache is None:
+            return y
+        return y, KVCache(k, v, cache.index + x.shape[1])
+
+
+class FeedForward(nnx.Module):
+    """Position-wise feed-forward block: Linear(d_model -> d_ff), activation, Linear(d_ff -> d_model)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, activation: str = "gelu", dropout: float = 0.0,
+                 dtype: str = "float32", rngs: nnx.Rngs):
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"FeedForward: unknown activation {activation!r} (valid: {', '.join(_ACTIVATIONS)})")
+        self.activation = activation
+        init = nnx.initializers.lecun_normal()
+        self.fc1 = nnx.Linear(d_model, d_ff, dtype=dtype, rngs=rngs,
+                              kernel_init=nnx.with_partitioning(init, ("embed", "mlp")))
+        self.fc2 = nnx.Linear(d_ff, d_model, dtype=dtype, rngs=rngs,
+                              kernel_init=nnx.with_partitioning(init, ("mlp", "embed")))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """(B, T, D) -> (B, T, d_ff) -> (B, T, D)."""
+        return self.dropout(self.fc2(_ACTIVATIONS[self.activation](self.fc1(x))))

@@ -1,0 +1,37 @@
+"""`python -m train [overrides]`: compose the config, check it, set up devices, train.
+
+    python -m train                                   # LeNet on digits (the default experiment)
+    python -m train model=mlp 'model.hidden=[512,512]' optim.lr=1e-3 trainer.steps=2000
+    python -m train -m optim.lr=1e-4,3e-4,1e-3        # a sweep
+"""
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from train import config, runtime
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Train one configuration; returns the final objective (for sweepers such as optuna)."""
+    runtime.apply(cfg.runtime.keep_freed_memory, cfg.runtime.ynn_conv_fusion_off, cfg.runtime.compilation_cache)
+    from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
+
+    mesh.initialize_distributed(**cfg.get("distributed", {}))
+    try:
+        exp = loop.setup(cfg, HydraConfig.get().runtime.output_dir)
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    metrics = loop.train(exp)
+    return metrics.get(cfg.trainer.get("objective", "eval/loss"))
+
+
+if __name__ == "__main__":
+    try:
+        config.check_group_choices(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    main()

@@ -1,0 +1,45 @@
+"""Config helpers: resolvers, early checks of the command line and of missing values, composition for scripts."""
+
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+if not OmegaConf.has_resolver("mul"):
+    OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(int(x) for x in xs))
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group `group` (e.g. model -> lenet, mlp, ...)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """One-line error for `group=option` overrides naming an option that does not exist."""
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    for override in overrides:
+        key, sep, value = override.lstrip("+~").partition("=")
+        if not sep or key not in groups:
+            continue
+        for option in value.split(","):  # a multirun sweeps comma-separated options
+            if option and option not in group_options(key):
+                raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(group_options(key))})")
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """One-line error naming every required value (`???`) left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing required value(s): {', '.join(missing)} "
+                         f"(set on the command line, e.g. {missing[0]}=VALUE)")
+
+
+def compose(overrides: list[str] = (), config_name: str = "config") -> DictConfig:
+    """The composed config for `overrides`, as `python -m train` would see it (for tests and scripts)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    check_group_choices(list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)

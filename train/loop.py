@@ -1,0 +1,299 @@
+"""The train loop: set up devices, data, model and optimizer; init or restore; one jitted step; eval; save.
+
+`setup(cfg, run_dir)` does everything that can fail on a bad config (before any compile) and returns an
+`Experiment`; `train(exp)` runs it and returns the final evaluation metrics.
+"""
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
+from train import mesh as mesh_lib
+from train.checkpoint import Checkpoints, abstract_like
+from train.config import check_missing
+from train.tasks import TASKS, metric_sums, summarize
+from train.writers import MetricWriter, plot_curves
+
+log = logging.getLogger(__name__)
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" on every CPU run
+
+
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run needs, built and checked, nothing compiled yet."""
+
+    cfg: DictConfig
+    run_dir: Path
+    mesh: jax.sharding.Mesh
+    dataset: Any
+    task: str
+    create_model: Callable[[], nnx.Module]
+    graphdef_train: Any
+    graphdef_eval: Any
+    tx: optax.GradientTransformation
+    abstract_state: Any
+    shardings: Any
+    shard: tuple[int, int]
+    init: Callable[[], Any]
+    final_state: Any = None
+
+
+# ---- Setup (every check before any compile) -------------------------------------------------------------
+
+
+def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
+    """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
+    check_missing(cfg)
+    run_dir = Path(run_dir)
+    check_writable(run_dir)
+    tc = cfg.trainer
+    for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
+        if tc[key] <= 0:
+            raise ValueError(f"trainer.{key}={tc[key]} must be a positive integer")
+    if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
+        raise ValueError(f"checkpoint.every={cfg.checkpoint.every} and checkpoint.keep={cfg.checkpoint.keep} "
+                         f"must be positive")
+
+    # ---- Devices ----
+    mesh = mesh_lib.make_mesh(**cfg.mesh)
+    dp = mesh_lib.data_parallel_size(mesh)
+    for key in ("batch_size", "eval_batch_size"):
+        if tc[key] % dp:
+            raise ValueError(f"trainer.{key}={tc[key]} is not divisible by the {dp} data-parallel devices "
+                             f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
+                             f"use a multiple of {dp}")
+    accum = tc.get("grad_accum", 1)
+    if tc.batch_size % (accum * dp):
+        raise ValueError(f"trainer.batch_size={tc.batch_size} must split into trainer.grad_accum={accum} "
+                         f"micro-batches of a multiple of {dp} devices")
+
+    # ---- Data ----
+    dataset = instantiate(cfg.data, _convert_="all")
+    task = dataset.task
+    if task not in TASKS:
+        raise ValueError(f"data task {task!r} is not known (valid: {', '.join(TASKS)})")
+    shard = (jax.process_index(), jax.process_count())
+
+    # ---- Model and optimizer ----
+    seed = tc.seed
+
+    def create_model() -> nnx.Module:
+        return instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+    abstract_model = nnx.eval_shape(create_model)  # shape checks run here, nothing is allocated
+    abstract_model.eval()
+    graphdef_eval = nnx.split(abstract_model)[0]
+    abstract_model.train()
+    graphdef_train = nnx.split(abstract_model)[0]
+    tx = instantiate(cfg.optim, _convert_="all", total_steps=tc.steps)
+
+    def init():
+        model = create_model()
+        model.train()
+        _, params, model_state = nnx.split(model, nnx.Param, ...)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "model_state": model_state,
+                "opt_state": tx.init(params)}
+
+    abstract_state = jax.eval_shape(init)
+    shardings = mesh_lib.state_shardings(abstract_state, mesh)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                  abstract_state, shardings)
+    return Experiment(cfg, run_dir, mesh, dataset, task, create_model, graphdef_train, graphdef_eval, tx,
+                      abstract_state, shardings, shard, init)
+
+
+def check_writable(run_dir: Path) -> None:
+    """One-line error when the output directory cannot be created or written."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_probe"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"output directory {run_dir} is not writable ({e.strerror}); "
+                      f"choose another with hydra.run.dir=PATH") from None
+
+
+# ---- Steps --------------------------------------------------------------------------------------------
+
+
+def make_train_step(exp: Experiment) -> Callable:
+    """One jitted step: (state, batch) -> (state, metric sums); the state is donated and updated in place."""
+    graphdef, tx, task = exp.graphdef_train, exp.tx, exp.task
+    accum = exp.cfg.trainer.get("grad_accum", 1)
+
+    def summed_loss(params, model_state, batch):
+        model = nnx.merge(graphdef, params, model_state)
+        sums = metric_sums(task, model, batch)
+        return sums["loss"], (sums, nnx.split(model, nnx.Param, ...)[2])
+
+    grad_fn = jax.grad(summed_loss, has_aux=True)
+
+    def step_fn(state, batch):
+        params = state["params"]
+        if accum == 1:
+            grads, (sums, model_state) = grad_fn(params, state["model_state"], batch)
+        else:
+            # Row i goes to micro-batch i % accum, so every device keeps its own rows.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+                                 batch)
+
+            def body(carry, mb):
+                grads, sums, model_state = carry
+                g, (s, model_state) = grad_fn(params, model_state, mb)
+                return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, sums, s), model_state), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
+            (grads, sums, model_state), _ = jax.lax.scan(body, (zeros, zero_sums, state["model_state"]), micro)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)  # grad of the mean loss
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "model_state": model_state, "opt_state": opt_state}
+        return new_state, sums | {"grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(step_fn, in_shardings=(exp.shardings, mesh_lib.batch_sharding(exp.mesh)),
+                   out_shardings=(exp.shardings, None), donate_argnums=0)
+
+
+def make_eval_step(exp: Experiment) -> Callable:
+    """Jitted metric sums of the eval-mode model (running BatchNorm averages, no dropout) on one batch."""
+    graphdef, task = exp.graphdef_eval, exp.task
+
+    def eval_fn(state, batch):
+        return metric_sums(task, nnx.merge(graphdef, state["params"], state["model_state"]), batch)
+
+    return jax.jit(eval_fn)
+
+
+def evaluate(exp: Experiment, eval_step: Callable, state) -> dict[str, float]:
+    """Metrics over the whole evaluation split (padding rows masked out)."""
+    totals = None
+    for batch in exp.dataset.eval_batches(exp.cfg.trainer.eval_batch_size, exp.shard):
+        sums = eval_step(state, mesh_lib.global_batch(batch, exp.mesh))
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return summarize(jax.device_get(totals), exp.task)
+
+
+def eval_model(exp: Experiment, state) -> nnx.Module:
+    """The eval-mode nnx model holding the state's parameters (for decoding and sampling)."""
+    return nnx.merge(exp.graphdef_eval, state["params"], state["model_state"])
+
+
+# ---- Train loop ---------------------------------------------------------------------------------------
+
+
+def train(exp: Experiment) -> dict[str, float]:
+    """Run (or resume) the experiment to trainer.steps; returns the final evaluation metrics."""
+    cfg, tc = exp.cfg, exp.cfg.trainer
+    is_main = jax.process_index() == 0
+    writer = MetricWriter(exp.run_dir, enabled=is_main)
+    checkpoints = Checkpoints(exp.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                              async_save=cfg.checkpoint.async_save)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+
+    # ---- Init or restore ----
+    state, start = restore_latest(checkpoints, exp, model_cfg)
+    if state is None:
+        state = jax.jit(exp.init, out_shardings=exp.shardings)()
+        start = 0
+        if is_main:
+            writer.drop_after(-1)
+    else:
+        writer.drop_after(start)
+        log.info("resumed from step %d in %s", start, checkpoints.directory)
+
+    train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    log.info("model %s: %s parameters; data %s; mesh %s; %d steps of batch %d",
+             cfg.model._target_, f"{num_params:,}", cfg.data._target_, dict(exp.mesh.shape), tc.steps,
+             tc.batch_size)
+
+    # ---- Train ----
+    window, window_start, t0 = None, start, time.perf_counter()
+    eval_metrics: dict[str, float] = {}
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main, dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    for step in bar:
+        batch = mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
+        state, sums = train_step(state, batch)
+        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+            window = jax.device_get(window)
+            elapsed = time.perf_counter() - t0
+            rate = (done - window_start) / elapsed
+            metrics = {f"train/{k}": v for k, v in summarize(window, exp.task).items()}
+            metrics |= {"train/grad_norm": float(window["grad_norm"]) / (done - window_start),
+                        "train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size}
+            writer.write(done, metrics)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}",
+                            steps_s=f"{rate:.1f}", ex_s=f"{rate * tc.batch_size:.0f}")
+            window, window_start, t0 = None, done, time.perf_counter()
+        if done % tc.eval_every == 0 or done == tc.steps:
+            eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
+            writer.write(done, eval_metrics)
+            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        if done % cfg.checkpoint.every == 0 or done == tc.steps:
+            checkpoints.save(done, state, {"step": done, "data_step": done, "model": model_cfg})
+    bar.close()
+
+    # ---- Finish ----
+    if not eval_metrics:  # resumed at the end: evaluate the restored state
+        eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
+    if hasattr(exp.dataset, "final_metrics"):
+        final = exp.dataset.final_metrics(eval_model(exp, state))
+        eval_metrics |= {f"eval/{k}": v for k, v in final.items()}
+        writer.write(tc.steps, {f"eval/{k}": v for k, v in final.items()})
+    checkpoints.close()
+    writer.close()
+    if is_main:
+        plot_curves(writer.path, exp.run_dir / "curves.png")
+        (exp.run_dir / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+        log.info("final: %s", ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+        log.info("outputs in %s (metrics.jsonl, tensorboard/, checkpoints/, curves.png)", exp.run_dir.absolute())
+    exp.final_state = state
+    return eval_metrics
+
+
+def restore_latest(checkpoints: Checkpoints, exp: Experiment, model_cfg: dict) -> tuple[Any, int]:
+    """The newest checkpoint that restores, falling back past unreadable ones; (None, 0) when there is none."""
+    for step in reversed(checkpoints.steps()):
+        try:
+            meta = checkpoints.read_meta(step)
+        except Exception as e:  # noqa: BLE001  (a truncated or corrupt checkpoint: try the one before)
+            log.warning("checkpoint %d in %s is unreadable (%s); falling back to the previous one", step,
+                        checkpoints.directory, type(e).__name__)
+            continue
+        if meta.get("model") != model_cfg:
+            raise ValueError(f"checkpoint {step} in {checkpoints.directory} was written for model "
+                             f"{json.dumps(meta.get('model'))}, not {json.dumps(model_cfg)}; "
+                             f"use another hydra.run.dir or the same model config")
+        try:
+            state, _ = checkpoints.restore(step, exp.abstract_state)
+        except Exception as e:  # noqa: BLE001
+            log.warning("checkpoint %d in %s could not be restored (%s: %s); falling back to the previous one",
+                        step, checkpoints.directory, type(e).__name__, str(e).splitlines()[0][:200])
+            continue
+        return state, step
+    return None, 0
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
+    """Set up and train: the whole of `python -m train` but the command line."""
+    return train(setup(cfg, run_dir))

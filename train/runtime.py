@@ -1,0 +1,44 @@
+"""CPU settings measured in shared/DESIGN.md, applied before JAX starts its backend; each is a config switch."""
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
+
+
+def keep_freed_memory() -> None:
+    """Keep freed memory in the process: XLA's per-step scratch buffers stop costing mmap + page zeroing."""
+    if not sys.platform.startswith("linux") or not ctypes.util.find_library("c"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):  # not glibc
+        return
+    libc.mallopt(M_ARENA_MAX, 1)
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+
+
+def accelerator_installed() -> bool:
+    """Whether a GPU or TPU plugin is installed (then CPU-only XLA flags must not be set)."""
+    return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
+                                                      "jax_rocm60_plugin"))
+
+
+def apply(keep_freed: bool, ynn_conv_fusion_off: bool, compilation_cache: bool) -> None:
+    """Apply the switched-on settings; call before the first JAX computation."""
+    if keep_freed:
+        keep_freed_memory()
+    if ynn_conv_fusion_off and not accelerator_installed():
+        flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+        if flag not in os.environ.get("XLA_FLAGS", ""):
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    if compilation_cache:
+        import jax
+
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "jax"
+        jax.config.update("jax_compilation_cache_dir", str(cache))
