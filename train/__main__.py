@@ -19,14 +19,18 @@ def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
     runtime.apply(cfg.runtime.keep_freed_memory, cfg.runtime.ynn_conv_fusion_off, cfg.runtime.compilation_cache)
     from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
+    from train.preemption import NonFinite
 
     mesh.initialize_distributed(**cfg.get("distributed", {}))
     try:
         exp = loop.setup(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
-    metrics = loop.train(exp)
-    return metrics.get(cfg.trainer.get("objective", "eval/loss"))
+    try:
+        metrics = loop.train(exp)
+    except NonFinite as e:
+        sys.exit(f"error: {e}")
+    return metrics[cfg.trainer.objective]
 
 
 if __name__ == "__main__":

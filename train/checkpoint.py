@@ -41,6 +41,15 @@ class Checkpoints:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         return restored.state, restored.meta
 
+    def set_aside(self, step: int) -> Path:
+        """Move an unreadable checkpoint out of the way (never delete it), so its step can be written again."""
+        target = self.directory.parent / "checkpoints_unreadable" / str(step)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from train import mesh as mesh_lib
-from train.checkpoint import Checkpoints, abstract_like
+from train.checkpoint import Checkpoints
 from train.config import check_missing
+from train.preemption import NonFinite, Preempted, Preemption
 from train.tasks import TASKS, metric_sums, summarize
 from train.writers import MetricWriter, plot_curves
 
@@ -65,6 +66,8 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
         if tc[key] <= 0:
             raise ValueError(f"trainer.{key}={tc[key]} must be a positive integer")
+    if tc.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"trainer.nan_policy={tc.nan_policy!r} is not known (valid: stop, skip)")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
         raise ValueError(f"checkpoint.every={cfg.checkpoint.every} and checkpoint.keep={cfg.checkpoint.keep} "
                          f"must be positive")
@@ -77,7 +80,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
             raise ValueError(f"trainer.{key}={tc[key]} is not divisible by the {dp} data-parallel devices "
                              f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
                              f"use a multiple of {dp}")
-    accum = tc.get("grad_accum", 1)
+    accum = tc.grad_accum
     if tc.batch_size % (accum * dp):
         raise ValueError(f"trainer.batch_size={tc.batch_size} must split into trainer.grad_accum={accum} "
                          f"micro-batches of a multiple of {dp} devices")
@@ -135,7 +138,8 @@ def check_writable(run_dir: Path) -> None:
 def make_train_step(exp: Experiment) -> Callable:
     """One jitted step: (state, batch) -> (state, metric sums); the state is donated and updated in place."""
     graphdef, tx, task = exp.graphdef_train, exp.tx, exp.task
-    accum = exp.cfg.trainer.get("grad_accum", 1)
+    accum = exp.cfg.trainer.grad_accum
+    big = jnp.iinfo(jnp.int32).max
 
     def summed_loss(params, model_state, batch):
         model = nnx.merge(graphdef, params, model_state)
@@ -162,10 +166,18 @@ def make_train_step(exp: Experiment) -> Callable:
             zero_sums = {k: jnp.zeros((), jnp.float32) for k in ("loss", "correct", "count")}
             (grads, sums, model_state), _ = jax.lax.scan(body, (zeros, zero_sums, state["model_state"]), micro)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)  # grad of the mean loss
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "model_state": model_state, "opt_state": opt_state}
-        return new_state, sums | {"grad_norm": optax.global_norm(grads)}
+        # A non-finite loss or gradient never reaches the state: the step is skipped, and counted so that
+        # trainer.nan_policy=stop can end the run with its step number and the last checkpoint intact.
+        finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state["step"] = state["step"] + 1
+        return new_state, sums | {"grad_norm": jnp.where(finite, grad_norm, 0.0),
+                                  "nonfinite": (~finite).astype(jnp.float32),
+                                  "first_nonfinite": jnp.where(finite, big, state["step"] + 1)}
 
     return jax.jit(step_fn, in_shardings=(exp.shardings, mesh_lib.batch_sharding(exp.mesh)),
                    out_shardings=(exp.shardings, None), donate_argnums=0)
@@ -179,6 +191,13 @@ def make_eval_step(exp: Experiment) -> Callable:
         return metric_sums(task, nnx.merge(graphdef, state["params"], state["model_state"]), batch)
 
     return jax.jit(eval_fn)
+
+
+def combine(window: dict | None, sums: dict) -> dict:
+    """Add step metrics over a logging window (the first non-finite step is a minimum, not a sum)."""
+    if window is None:
+        return sums
+    return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(window[k], sums[k]) for k in sums}
 
 
 def evaluate(exp: Experiment, eval_step: Callable, state) -> dict[str, float]:
@@ -207,60 +226,76 @@ def train(exp: Experiment) -> dict[str, float]:
                               async_save=cfg.checkpoint.async_save)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
 
+    def save(step: int, state) -> None:
+        checkpoints.save(step, state, {"step": step, "data_step": step, "model": model_cfg})
+
     # ---- Init or restore ----
     state, start = restore_latest(checkpoints, exp, model_cfg)
     if state is None:
         state = jax.jit(exp.init, out_shardings=exp.shardings)()
-        start = 0
-        if is_main:
-            writer.drop_after(-1)
     else:
-        writer.drop_after(start)
         log.info("resumed from step %d in %s", start, checkpoints.directory)
-
+    writer.drop_after(start if start else -1)
     train_step, eval_step = make_train_step(exp), make_eval_step(exp)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-    log.info("model %s: %s parameters; data %s; mesh %s; %d steps of batch %d",
-             cfg.model._target_, f"{num_params:,}", cfg.data._target_, dict(exp.mesh.shape), tc.steps,
-             tc.batch_size)
+    log.info("model %s: %s parameters; data %s; mesh %s; %d steps of batch %d", cfg.model._target_,
+             f"{num_params:,}", cfg.data._target_, dict(exp.mesh.shape), tc.steps, tc.batch_size)
 
     # ---- Train ----
     window, window_start, t0 = None, start, time.perf_counter()
     eval_metrics: dict[str, float] = {}
+    last_saved = start
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    for step in bar:
-        batch = mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
-        state, sums = train_step(state, batch)
-        window = sums if window is None else jax.tree.map(jnp.add, window, sums)
-        done = step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            window = jax.device_get(window)
-            elapsed = time.perf_counter() - t0
-            rate = (done - window_start) / elapsed
-            metrics = {f"train/{k}": v for k, v in summarize(window, exp.task).items()}
-            metrics |= {"train/grad_norm": float(window["grad_norm"]) / (done - window_start),
-                        "train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size}
-            writer.write(done, metrics)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}",
-                            steps_s=f"{rate:.1f}", ex_s=f"{rate * tc.batch_size:.0f}")
-            window, window_start, t0 = None, done, time.perf_counter()
-        if done % tc.eval_every == 0 or done == tc.steps:
-            eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
-            writer.write(done, eval_metrics)
-            bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-        if done % cfg.checkpoint.every == 0 or done == tc.steps:
-            checkpoints.save(done, state, {"step": done, "data_step": done, "model": model_cfg})
-    bar.close()
+    try:
+        with Preemption() as preemption:
+            for step in bar:
+                batch = mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
+                state, sums = train_step(state, batch)
+                window = combine(window, sums)
+                done = step + 1
+                if preemption.reached(done):
+                    save(done, state)
+                    log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
+                              "command to resume", preemption.signum, done, checkpoints.directory)
+                    raise Preempted(preemption.exit_code)
+                checkpoint_now = done % cfg.checkpoint.every == 0 or done == tc.steps
+                if done % tc.log_every == 0 or checkpoint_now:  # the window is checked before every save
+                    window = jax.device_get(window)
+                    if window["nonfinite"] > 0 and tc.nan_policy == "stop":
+                        raise NonFinite(
+                            f"non-finite loss or gradient norm at step {int(window['first_nonfinite'])}; "
+                            f"stopped (last good checkpoint: {f'step {last_saved}' if last_saved else 'none yet'} in "
+                            f"{checkpoints.directory}); "
+                            f"lower optim.lr, set optim.clip_norm, or skip such steps with "
+                            f"trainer.nan_policy=skip")
+                    rate = (done - window_start) / (time.perf_counter() - t0)
+                    metrics = {f"train/{k}": v for k, v in summarize(window, exp.task).items()}
+                    metrics |= {"train/grad_norm": float(window["grad_norm"]) / (done - window_start),
+                                "train/skipped_steps": float(window["nonfinite"]),
+                                "train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size}
+                    writer.write(done, metrics)
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}",
+                                    steps_s=f"{rate:.1f}", ex_s=f"{rate * tc.batch_size:.0f}")
+                    window, window_start, t0 = None, done, time.perf_counter()
+                if done % tc.eval_every == 0 or done == tc.steps:
+                    eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
+                    writer.write(done, eval_metrics)
+                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                if checkpoint_now:
+                    save(done, state)
+                    last_saved = done
+    finally:
+        bar.close()
+        checkpoints.close()  # waits for an async save in flight: a started checkpoint is always finished
 
     # ---- Finish ----
     if not eval_metrics:  # resumed at the end: evaluate the restored state
         eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
     if hasattr(exp.dataset, "final_metrics"):
-        final = exp.dataset.final_metrics(eval_model(exp, state))
-        eval_metrics |= {f"eval/{k}": v for k, v in final.items()}
-        writer.write(tc.steps, {f"eval/{k}": v for k, v in final.items()})
-    checkpoints.close()
+        final = {f"eval/{k}": v for k, v in exp.dataset.final_metrics(eval_model(exp, state)).items()}
+        eval_metrics |= final
+        writer.write(tc.steps, final)
     writer.close()
     if is_main:
         plot_curves(writer.path, exp.run_dir / "curves.png")
@@ -272,13 +307,12 @@ def train(exp: Experiment) -> dict[str, float]:
 
 
 def restore_latest(checkpoints: Checkpoints, exp: Experiment, model_cfg: dict) -> tuple[Any, int]:
-    """The newest checkpoint that restores, falling back past unreadable ones; (None, 0) when there is none."""
+    """The newest checkpoint that restores, setting aside unreadable ones; (None, 0) when there is none."""
     for step in reversed(checkpoints.steps()):
         try:
             meta = checkpoints.read_meta(step)
-        except Exception as e:  # noqa: BLE001  (a truncated or corrupt checkpoint: try the one before)
-            log.warning("checkpoint %d in %s is unreadable (%s); falling back to the previous one", step,
-                        checkpoints.directory, type(e).__name__)
+        except Exception as e:  # noqa: BLE001  (truncated or corrupt: any reader error means unusable)
+            unusable(checkpoints, step, e)
             continue
         if meta.get("model") != model_cfg:
             raise ValueError(f"checkpoint {step} in {checkpoints.directory} was written for model "
@@ -287,11 +321,17 @@ def restore_latest(checkpoints: Checkpoints, exp: Experiment, model_cfg: dict) -
         try:
             state, _ = checkpoints.restore(step, exp.abstract_state)
         except Exception as e:  # noqa: BLE001
-            log.warning("checkpoint %d in %s could not be restored (%s: %s); falling back to the previous one",
-                        step, checkpoints.directory, type(e).__name__, str(e).splitlines()[0][:200])
+            unusable(checkpoints, step, e)
             continue
         return state, step
     return None, 0
+
+
+def unusable(checkpoints: Checkpoints, step: int, error: Exception) -> None:
+    moved = checkpoints.set_aside(step)
+    log.warning("checkpoint %d in %s is unreadable (%s: %s); moved to %s, falling back to the previous one",
+                step, checkpoints.directory, type(error).__name__, str(error).splitlines()[0][:160] if str(error)
+                else "", moved)
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:

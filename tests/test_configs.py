@@ -1,0 +1,44 @@
+"""Every config group composes; overrides reach the config; bad options fail with one clear line."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import run_cli
+from train.config import compose, group_options
+
+
+def test_defaults_compose_to_lenet_on_digits():
+    cfg = compose()
+    assert cfg.model._target_ == "models.lenet.LeNet"
+    assert cfg.data._target_ == "data.digits.Digits"
+    assert cfg.model.num_classes == cfg.data.num_classes == 10
+
+
+def test_command_line_overrides_reach_the_config():
+    cfg = compose(["model=mlp", "model.hidden=[512,512]", "optim.lr=1e-3", "trainer.steps=2000", "mesh.data=1",
+                   "optim=sgd", "checkpoint.every=7"])
+    assert list(cfg.model.hidden) == [512, 512]
+    assert cfg.optim.lr == 1e-3 and cfg.optim._target_ == "train.optim.sgd"
+    assert cfg.trainer.steps == 2000 and cfg.mesh.data == 1 and cfg.checkpoint.every == 7
+    assert cfg.model.in_features == 28 * 28  # interpolated from the data config
+
+
+@pytest.mark.parametrize("group", ["optim", "trainer", "mesh", "data"])
+def test_every_option_of_small_groups_composes(group):
+    for option in group_options(group):
+        cfg = compose([f"{group}={option}"])
+        assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_unknown_group_option_is_one_line_listing_valid_options():
+    proc = run_cli(["model=nope"], check=False, timeout=60)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "model=nope" in lines[0] and "lenet" in lines[0] and "mlp" in lines[0]
+
+
+def test_cfg_job_prints_the_resolved_config():
+    proc = run_cli(["model=mlp", "optim.lr=0.02", "--cfg", "job"], timeout=60)
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.model._target_ == "models.mlp.MLP" and printed.optim.lr == 0.02

@@ -1,0 +1,162 @@
+"""Mamba: the three scans agree, recurrent mode equals parallel mode, causality, the reference's shapes and init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from models.mamba import SCANS, MambaBlock, MambaLM, generate, selective_scan
+from train.optim import decay_mask
+
+
+def scan_inputs(batch=2, length=37, d=6, n=4, seed=0):
+    k = jax.random.split(jax.random.key(seed), 5)
+    dt = jax.nn.softplus(jax.random.normal(k[0], (batch, length, d)) - 1.0)
+    A = -jnp.exp(jax.random.normal(k[1], (d, n)))
+    B, C = (jax.random.normal(kk, (batch, length, n)) for kk in k[2:4])
+    x = jax.random.normal(k[4], (batch, length, d))
+    return dt, A, B, C, x
+
+
+def naive_scan(dt, A, B, C, x):
+    """The recurrence written out in numpy float64, one step at a time."""
+    dt, A, B, C, x = (np.asarray(v, np.float64) for v in (dt, A, B, C, x))
+    h = np.zeros((x.shape[0], *A.shape))
+    ys = []
+    for t in range(x.shape[1]):
+        h = np.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * x[:, t])[..., None] * B[:, t, None, :]
+        ys.append(np.einsum("bdn,bn->bd", h, C[:, t]))
+    return np.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("method", list(SCANS))
+def test_scan_matches_the_recurrence(method):
+    inputs = scan_inputs()
+    y, h = selective_scan(*inputs, method=method, chunk=8)  # 37 is not a multiple of 8: exercises the padding
+    y_ref, h_ref = naive_scan(*inputs)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h, h_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_gradients_agree():
+    inputs = scan_inputs()
+    w = jax.random.normal(jax.random.key(9), inputs[-1].shape)  # a loss that weighs every output differently
+
+    def grads(method):
+        loss = lambda *a: jnp.sum(w * selective_scan(*a, method=method, chunk=8)[0])
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*inputs)
+
+    reference = grads("sequential")
+    for method in ("associative", "chunked"):
+        for g, g_ref in zip(grads(method), reference):
+            np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_state_continues_a_split_sequence():
+    dt, A, B, C, x = scan_inputs()
+    y_full, h_full = selective_scan(dt, A, B, C, x, method="associative")
+    first = [v[:, :20] for v in (dt, B, C, x)]
+    rest = [v[:, 20:] for v in (dt, B, C, x)]
+    y1, h1 = selective_scan(first[0], A, *first[1:], method="associative")
+    y2, h2 = selective_scan(rest[0], A, *rest[1:], method="sequential", h0=h1)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y_full, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(h2, h_full, rtol=1e-5, atol=1e-5)
+
+
+def small_lm(**kwargs):
+    return MambaLM(vocab_size=kwargs.pop("vocab_size", 21), d_model=16, num_layers=2, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("selective", [True, False])
+def test_recurrent_mode_equals_parallel_mode(selective):
+    model = small_lm(selective=selective, scan="associative")
+    tokens = jax.random.randint(jax.random.key(1), (2, 19), 0, 21)
+    parallel = model(tokens)
+    cache, steps = model.init_cache(2), []
+    for t in range(tokens.shape[1]):
+        logits, cache = model.step(tokens[:, t], cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.stack(steps, 1), parallel, rtol=1e-5, atol=1e-5)
+    last, prefilled = model.prefill(tokens)  # the parallel pass hands over the same state as 19 steps
+    np.testing.assert_allclose(last, parallel[:, -1], rtol=1e-5, atol=1e-5)
+    for (conv_a, ssm_a), (conv_b, ssm_b) in zip(cache, prefilled):
+        np.testing.assert_allclose(conv_a, conv_b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ssm_a, ssm_b, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_continues_the_greedy_parallel_prediction():
+    model = small_lm()
+    prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, 21)
+    out = nnx.jit(generate, static_argnums=(2, 4))(model, prompt, 6, jax.random.key(0), 0)
+    assert out.shape == (2, 6) and out.dtype == jnp.int32
+    seq = prompt
+    for _ in range(6):  # greedy decoding by recomputing the whole sequence each time
+        seq = jnp.concatenate([seq, jnp.argmax(model(seq)[:, -1], -1)[:, None].astype(jnp.int32)], 1)
+    np.testing.assert_array_equal(out, seq[:, 5:])
+
+
+@pytest.mark.parametrize("scan", list(SCANS))
+def test_outputs_are_causal(scan):
+    block = MambaBlock(8, scan=scan, chunk_size=4, rngs=nnx.Rngs(0))
+    u = jax.random.normal(jax.random.key(3), (1, 12, 8))
+    jac = jax.jacfwd(lambda v: block(v)[0, :, 0])(u)[:, 0]  # d out_t / d u_s: (T, T, d_model)
+    influence = jnp.abs(jac).sum(-1)
+    assert jnp.all(jnp.triu(influence, k=1) == 0)  # no output sees a later input
+    assert jnp.all(jnp.diag(influence) > 0)
+
+
+def test_non_selective_parameters_do_not_depend_on_the_input():
+    block = MambaBlock(8, selective=False, rngs=nnx.Rngs(0))
+    dt1, _, B1, C1 = block._ssm_inputs(jax.random.normal(jax.random.key(4), (2, 5, 16)))
+    dt2, _, B2, C2 = block._ssm_inputs(jax.random.normal(jax.random.key(5), (2, 5, 16)))
+    for a, b in ((dt1, dt2), (B1, B2), (C1, C2)):
+        np.testing.assert_array_equal(a, b)
+    selective = MambaBlock(8, rngs=nnx.Rngs(0))
+    assert not jnp.allclose(selective._ssm_inputs(jnp.ones((1, 1, 16)))[0], selective._ssm_inputs(-jnp.ones((1, 1, 16)))[0])
+
+
+def test_reference_initialisation():
+    block = MambaBlock(64, rngs=nnx.Rngs(0))  # d_inner 128, dt_rank 4
+    assert block.dt_rank == 4
+    np.testing.assert_allclose(-jnp.exp(block.A_log[...]), -jnp.broadcast_to(jnp.arange(1.0, 17.0), (128, 16)), rtol=1e-6)
+    np.testing.assert_array_equal(block.D[...], jnp.ones(128))
+    dt = jax.nn.softplus(block.dt_proj.bias[...])  # softplus(bias) is the initial dt: log-uniform in [1e-3, 1e-1]
+    assert 1e-3 <= float(dt.min()) and float(dt.max()) <= 1e-1 + 1e-6
+    assert float(jnp.abs(block.dt_proj.kernel[...]).max()) <= 4**-0.5
+    assert block.in_proj.bias is None and block.x_proj.bias is None and block.out_proj.bias is None
+
+
+def test_mamba_130m_parameter_count():
+    model = nnx.eval_shape(lambda: MambaLM(vocab_size=50277, d_model=768, num_layers=24, rngs=nnx.Rngs(0)))
+    assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 129_135_360
+    assert model.embed.embedding.shape == (50280, 768)  # padded to a multiple of 8, tied with the output
+
+
+def test_logits_cover_the_unpadded_vocabulary():
+    assert small_lm(vocab_size=21)(jnp.zeros((1, 3), jnp.int32)).shape == (1, 3, 21)
+
+
+def test_a_log_and_d_are_not_decayed():
+    model = small_lm()
+    params = nnx.state(model, nnx.Param)
+    tx = optax.adamw(0.0, weight_decay=1.0, mask=decay_mask)  # lr 0: only decay could move a parameter
+    tx = optax.adamw(1.0, weight_decay=0.5, mask=decay_mask)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    mixer = updates["layers"][0]["mixer"]
+    assert jnp.all(mixer["A_log"][...] == 0) and jnp.all(mixer["D"][...] == 0)
+    assert jnp.any(mixer["in_proj"]["kernel"][...] != 0)  # weight matrices are decayed
+
+
+def test_partition_metadata():
+    block = MambaBlock(8, rngs=nnx.Rngs(0))
+    assert block.in_proj.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+    assert block.out_proj.kernel.get_metadata()["out_sharding"] == ("mlp", "embed")
+    assert small_lm().embed.embedding.get_metadata()["out_sharding"] == ("vocab", "embed")
+
+
+def test_bad_scan_name_fails_in_the_constructor():
+    with pytest.raises(ValueError, match="unknown scan 'fast'.*associative, sequential, chunked"):
+        MambaBlock(8, scan="fast", rngs=nnx.Rngs(0))

@@ -1,0 +1,22 @@
+"""Real training on the offline digits reaches the stated accuracy; outputs land in the run directory."""
+
+import json
+
+import pytest
+
+from train.loop import run
+from train.writers import read_metrics
+
+
+@pytest.mark.parametrize("model, steps, bar", [("mlp", 300, 0.90), ("lenet", 300, 0.95)])
+def test_training_on_digits_reaches_accuracy(cfg_for, tmp_path, model, steps, bar):
+    cfg = cfg_for(f"model={model}", f"trainer.steps={steps}", "trainer.eval_every=150", "checkpoint.every=150")
+    final = run(cfg, tmp_path)
+    assert final["eval/accuracy"] >= bar
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records if "eval/accuracy" in r] == [150, 300]
+    assert all("train/loss" in r and "train/steps_per_sec" in r for r in records if "train/accuracy" in r)
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["150", "300"]
+    assert any((tmp_path / "tensorboard").iterdir())
