@@ -27,10 +27,10 @@ class DigitsTfds(tfds.core.GeneratorBasedBuilder):
         images, labels = load_resized_digits(28)
         perm = np.random.default_rng(0).permutation(len(labels))
         num_test = len(labels) // 5
-        return {"train": self._generate(images, labels, perm[num_test:]),
-                "test": self._generate(images, labels, perm[:num_test])}
+        return {"train": self._generate_examples(images, labels, perm[num_test:]),
+                "test": self._generate_examples(images, labels, perm[:num_test])}
 
-    def _generate(self, images, labels, indices):
+    def _generate_examples(self, images, labels, indices):
         for i in indices:
             yield int(i), {"image": images[i], "label": int(labels[i])}
 

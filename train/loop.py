@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -57,6 +58,16 @@ class Experiment:
 # ---- Setup (every check before any compile) -------------------------------------------------------------
 
 
+def build(node: DictConfig, **kwargs):
+    """`hydra.utils.instantiate`, letting a constructor's own ValueError / OSError through as it was raised."""
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, OSError)):
+            raise e.__cause__ from None
+        raise
+
+
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
     check_missing(cfg)
@@ -86,7 +97,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
                          f"micro-batches of a multiple of {dp} devices")
 
     # ---- Data ----
-    dataset = instantiate(cfg.data, _convert_="all")
+    dataset = build(cfg.data)
     task = dataset.task
     if task not in TASKS:
         raise ValueError(f"data task {task!r} is not known (valid: {', '.join(TASKS)})")
@@ -96,14 +107,14 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     seed = tc.seed
 
     def create_model() -> nnx.Module:
-        return instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+        return build(cfg.model, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
 
     abstract_model = nnx.eval_shape(create_model)  # shape checks run here, nothing is allocated
     abstract_model.eval()
     graphdef_eval = nnx.split(abstract_model)[0]
     abstract_model.train()
     graphdef_train = nnx.split(abstract_model)[0]
-    tx = instantiate(cfg.optim, _convert_="all", total_steps=tc.steps)
+    tx = build(cfg.optim, total_steps=tc.steps)
 
     def init():
         model = create_model()
@@ -275,8 +286,8 @@ def train(exp: Experiment) -> dict[str, float]:
                                 "train/skipped_steps": float(window["nonfinite"]),
                                 "train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size}
                     writer.write(done, metrics)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.3f}",
-                                    steps_s=f"{rate:.1f}", ex_s=f"{rate * tc.batch_size:.0f}")
+                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{rate:.1f}",
+                                    ex_s=f"{rate * tc.batch_size:.0f}")
                     window, window_start, t0 = None, done, time.perf_counter()
                 if done % tc.eval_every == 0 or done == tc.steps:
                     eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}

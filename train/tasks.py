@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-TASKS = ("classify", "next_token", "seq2seq")
+TASKS = ("classify", "next_token", "seq2seq", "regress")
 
 
 def _sums(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> dict[str, jax.Array]:
@@ -45,15 +45,25 @@ def seq2seq(model, batch: dict) -> dict[str, jax.Array]:
     return _sums(model(batch["src"], tgt_in), targets, weights)
 
 
+def regress(model, batch: dict) -> dict[str, jax.Array]:
+    """Squared error of real-valued outputs; "loss" / "count" is the mean squared error per output value."""
+    pred = model(batch["x"]).astype(jnp.float32)
+    weights = jnp.broadcast_to(batch.get("mask", jnp.ones(pred.shape[0]))[:, None], pred.shape)
+    sq = jnp.square(pred - batch["y"])
+    return {"loss": jnp.sum(sq * weights), "correct": jnp.zeros(()), "count": jnp.sum(weights)}
+
+
 def metric_sums(task: str, model, batch: dict) -> dict[str, jax.Array]:
     """The summed metrics of `task` on one batch."""
-    return {"classify": classify, "next_token": next_token, "seq2seq": seq2seq}[task](model, batch)
+    return {"classify": classify, "next_token": next_token, "seq2seq": seq2seq, "regress": regress}[task](model, batch)
 
 
 def summarize(sums: dict[str, float], task: str) -> dict[str, float]:
     """Means from summed metrics: loss, accuracy, and bits per token for language modelling."""
     count = max(float(sums["count"]), 1.0)
-    out = {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+    out = {"loss": float(sums["loss"]) / count}
+    if task != "regress":
+        out["accuracy"] = float(sums["correct"]) / count
     if task == "next_token":
         out["bits_per_token"] = out["loss"] / math.log(2)
     return out

@@ -1,0 +1,85 @@
+"""Multi-head attention (self, causal, cross, cached) and the feed-forward block."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.layers import FeedForward, MultiHeadAttention, dot_product_attention
+
+D, H, T = 16, 4, 6
+
+
+@pytest.fixture(scope="module")
+def attn() -> MultiHeadAttention:
+    return MultiHeadAttention(D, H, rngs=nnx.Rngs(0))
+
+
+def inputs(seed: int, length: int = T) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (2, length, D))
+
+
+def test_causal_attention_ignores_the_future(attn):
+    x = inputs(0)
+    for t in range(T - 1):
+        changed = x.at[:, t + 1:].set(inputs(1)[:, t + 1:])
+        np.testing.assert_allclose(attn(changed, causal=True)[:, :t + 1], attn(x, causal=True)[:, :t + 1], atol=1e-6)
+    assert not np.allclose(attn(x, causal=True), attn(x))  # without the mask the future does leak in
+
+
+def test_cached_attention_equals_full_causal_attention(attn):
+    x = inputs(0)
+    cache = attn.init_cache(2, T + 2)
+    first, cache = attn(x[:, :2], cache=cache)  # a two-token prefill, then one token at a time
+    outputs = [first]
+    for t in range(2, T):
+        out, cache = attn(x[:, t:t + 1], cache=cache)
+        outputs.append(out)
+    assert int(cache.index) == T
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), attn(x, causal=True), atol=1e-5)
+
+
+def test_cross_attention_with_projected_context_equals_raw_context(attn):
+    x, context = inputs(0), inputs(2, length=9)
+    out = attn(x, context)
+    assert out.shape == x.shape
+    np.testing.assert_allclose(attn(x, attn.project_context(context)), out, atol=1e-6)
+
+
+def test_masked_keys_have_no_influence(attn):
+    x, context = inputs(0), inputs(2, length=9)
+    mask = jnp.arange(9)[None, None, None, :] < 5  # (1, 1, 1, S): keys 5.. are padding
+    changed = context.at[:, 5:].set(100.0)
+    np.testing.assert_allclose(attn(x, changed, mask=mask), attn(x, context, mask=mask), atol=1e-6)
+
+
+def test_einsum_attention_matches_jax_dot_product_attention():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 5, H, 8)) for i in range(3))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    np.testing.assert_allclose(dot_product_attention(q, k, v, mask),
+                               jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
+
+
+def test_fully_masked_rows_stay_finite():
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 3, H, 8)) for i in range(3))
+    assert np.isfinite(dot_product_attention(q, k, v, jnp.zeros((1, 1, 3, 3), bool))).all()
+
+
+def test_heads_must_divide_d_model():
+    with pytest.raises(ValueError, match=r"d_model 12 is not divisible by num_heads 5 \(valid: 1, 2, 3, 4, 6, 12\)"):
+        MultiHeadAttention(12, 5, rngs=nnx.Rngs(0))
+
+
+def test_projections_carry_logical_axis_names(attn):
+    ff = FeedForward(D, 64, rngs=nnx.Rngs(0))
+    assert attn.query.kernel.get_metadata()["out_sharding"] == ("embed", "heads")
+    assert attn.out.kernel.get_metadata()["out_sharding"] == ("heads", "embed")
+    assert ff.fc1.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+    assert ff.fc2.kernel.get_metadata()["out_sharding"] == ("mlp", "embed")
+    assert ff(inputs(0)).shape == (2, T, D)
+
+
+def test_unknown_activation_is_a_one_line_error():
+    with pytest.raises(ValueError, match="activation 'swish' is not known"):
+        FeedForward(D, 64, activation="swish", rngs=nnx.Rngs(0))
