@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> float:
     from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
     from train.preemption import NonFinite
 
-    mesh.initialize_distributed(**cfg.get("distributed", {}))
+    mesh.initialize_distributed(**cfg.distributed)
     try:
         exp = loop.setup(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, OSError) as e:

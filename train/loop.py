@@ -292,7 +292,8 @@ def train(exp: Experiment) -> dict[str, float]:
                 if done % tc.eval_every == 0 or done == tc.steps:
                     eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
                     writer.write(done, eval_metrics)
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    if is_main:
+                        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done

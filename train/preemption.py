@@ -19,6 +19,7 @@ class Preemption:
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
+        self._synced = jax.process_count() > 1
 
     def __enter__(self) -> "Preemption":
         for sig in self.SIGNALS:
@@ -33,7 +34,7 @@ class Preemption:
         self.signum = signum
 
     def reached(self, step: int) -> bool:
-        if jax.process_count() > 1:
+        if self._synced:
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = self.signum or signal.SIGTERM
                 return True
