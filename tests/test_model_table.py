@@ -1,26 +1,19 @@
 """The model table: per-stage parameters, FLOPs from XLA's cost analysis, shapes, the split by kind."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
-from scripts.model_table import abstract_model, module_outputs, example_inputs, parameter_tree, parameters_by_kind, \
+from scripts.model_table import abstract_model, example_inputs, module_outputs, parameter_tree, parameters_by_kind, \
     table_rows
+from tests.conftest import run_cli
 from train.config import compose
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_resnet50_table_from_the_command_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "scripts/model_table.py", "model=resnet50", "data=imagenet2012", f"hydra.run.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_cli(["model=resnet50", "data=imagenet2012", f"hydra.run.dir={tmp_path}"],
+                     module="scripts/model_table.py")
     assert result.stdout.strip().splitlines()[-1] == "total parameters: 25,557,032"
     table = json.loads((tmp_path / "model_table.json").read_text())
     assert table["features"] == [[7, 7, 2048]]

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from models.resnet import ResNet
 from train.config import compose
+from train.loop import run
 
 
 def abstract(overrides: list[str]) -> nnx.Module:
@@ -128,3 +129,11 @@ def test_doubling_channels_quadruples_parameters_and_flops():
     params2, flops2 = conv_cost(32, 64)
     assert params2 == 4 * params
     assert flops2 == pytest.approx(4 * flops, rel=1e-3)
+
+
+def test_resnet20_trains_on_digits(cfg_for, tmp_path):
+    # 100 steps of 32 images: ~25 s of CPU time on 2 cores; 300 steps of 128 reach 99.4% (notes/README_vision.md).
+    cfg = cfg_for("model=resnet20", "data=digits", "trainer.steps=100", "trainer.batch_size=32",
+                  "trainer.eval_every=100", "checkpoint.every=100", "optim.warmup_steps=10")
+    final = run(cfg, tmp_path)
+    assert final["eval/accuracy"] >= 0.95

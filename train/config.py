@@ -1,6 +1,7 @@
 """Config helpers: resolvers, early checks of the command line and of missing values, composition for scripts."""
 
 import math
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -26,6 +27,17 @@ def check_group_choices(overrides: list[str]) -> None:
         for option in value.split(","):  # a multirun sweeps comma-separated options
             if option and option not in group_options(key):
                 raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(group_options(key))})")
+
+
+def check_run_dir(overrides: list[str]) -> None:
+    """One-line error when the run directory cannot be created (checked before Hydra tries to)."""
+    target = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "outputs")
+    existing = Path(target).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"output directory {target} cannot be created: {existing} is not a writable directory; "
+                         f"choose another with hydra.run.dir=PATH")
 
 
 def check_missing(cfg: DictConfig) -> None:
