@@ -52,6 +52,8 @@ class Experiment:
     shardings: Any
     shard: tuple[int, int]
     init: Callable[[], Any]
+    checkpoints: Checkpoints
+    model_cfg: dict
     final_state: Any = None
 
 
@@ -127,8 +129,27 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     shardings = mesh_lib.state_shardings(abstract_state, mesh)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, shardings)
+    # ---- Checkpoints: a run directory holds one model ----
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    check_checkpoint_model(checkpoints, model_cfg)
     return Experiment(cfg, run_dir, mesh, dataset, task, create_model, graphdef_train, graphdef_eval, tx,
-                      abstract_state, shardings, shard, init)
+                      abstract_state, shardings, shard, init, checkpoints, model_cfg)
+
+
+def check_checkpoint_model(checkpoints: Checkpoints, model_cfg: dict) -> None:
+    """One-line error when the run directory's newest checkpoint was written for another model config."""
+    for step in reversed(checkpoints.steps()):
+        try:
+            saved = checkpoints.read_meta(step)["model"]
+        except Exception:  # noqa: BLE001  (unreadable: restore_latest sets it aside and says so)
+            continue
+        if saved != model_cfg:
+            diffs = [f"model.{k}={json.dumps(saved.get(k))} (now {json.dumps(model_cfg.get(k))})"
+                     for k in sorted(set(saved) | set(model_cfg)) if saved.get(k) != model_cfg.get(k)]
+            raise ValueError(f"checkpoint {step} in {checkpoints.directory} was written for another model: "
+                             f"{', '.join(diffs)}; use the same model config or another hydra.run.dir")
+        return
 
 
 def check_writable(run_dir: Path) -> None:
@@ -233,15 +254,13 @@ def train(exp: Experiment) -> dict[str, float]:
     cfg, tc = exp.cfg, exp.cfg.trainer
     is_main = jax.process_index() == 0
     writer = MetricWriter(exp.run_dir, enabled=is_main)
-    checkpoints = Checkpoints(exp.run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                              async_save=cfg.checkpoint.async_save)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    checkpoints, model_cfg = exp.checkpoints, exp.model_cfg
 
     def save(step: int, state) -> None:
         checkpoints.save(step, state, {"step": step, "data_step": step, "model": model_cfg})
 
     # ---- Init or restore ----
-    state, start = restore_latest(checkpoints, exp, model_cfg)
+    state, start = restore_latest(checkpoints, exp)
     if state is None:
         state = jax.jit(exp.init, out_shardings=exp.shardings)()
     else:
@@ -318,19 +337,11 @@ def train(exp: Experiment) -> dict[str, float]:
     return eval_metrics
 
 
-def restore_latest(checkpoints: Checkpoints, exp: Experiment, model_cfg: dict) -> tuple[Any, int]:
+def restore_latest(checkpoints: Checkpoints, exp: Experiment) -> tuple[Any, int]:
     """The newest checkpoint that restores, setting aside unreadable ones; (None, 0) when there is none."""
     for step in reversed(checkpoints.steps()):
         try:
-            meta = checkpoints.read_meta(step)
-        except Exception as e:  # noqa: BLE001  (truncated or corrupt: any reader error means unusable)
-            unusable(checkpoints, step, e)
-            continue
-        if meta.get("model") != model_cfg:
-            raise ValueError(f"checkpoint {step} in {checkpoints.directory} was written for model "
-                             f"{json.dumps(meta.get('model'))}, not {json.dumps(model_cfg)}; "
-                             f"use another hydra.run.dir or the same model config")
-        try:
+            checkpoints.read_meta(step)
             state, _ = checkpoints.restore(step, exp.abstract_state)
         except Exception as e:  # noqa: BLE001
             unusable(checkpoints, step, e)

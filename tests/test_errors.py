@@ -1,0 +1,81 @@
+"""Bad input gets one clear line naming the value and what would be valid, before any compile."""
+
+import os
+import re
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+import pytest
+
+from tests.conftest import quick, run_cli
+
+
+def one_line_error(args, env=None, after_progress: bool = False) -> str:
+    proc = run_cli(args, check=False, timeout=120, env=env)
+    assert proc.returncode != 0, proc.stdout
+    lines = [l for l in proc.stderr.strip().splitlines() if not (after_progress and "|" in l and "/40" in l)]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stdout + proc.stderr
+    return lines[0]
+
+
+def test_missing_required_value(tmp_path):
+    line = one_line_error(quick("data.seed=???", f"hydra.run.dir={tmp_path}"))
+    assert "missing required value(s): data.seed" in line
+
+
+def test_d_model_not_divisible_by_heads(tmp_path):
+    line = one_line_error(quick("model=gpt", "data=bytes", "model.d_model=100", "model.num_heads=3",
+                                f"hydra.run.dir={tmp_path}"))
+    assert "100" in line and "3" in line
+
+
+def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    line = one_line_error(quick("trainer.batch_size=30", f"hydra.run.dir={tmp_path}"), env={"XLA_FLAGS": flags})
+    assert "trainer.batch_size=30" in line and "4 data-parallel devices" in line
+
+
+def test_mesh_that_does_not_fit_the_devices(tmp_path):
+    line = one_line_error(quick("mesh.data=3", f"hydra.run.dir={tmp_path}"))
+    assert "'data': 3" in line and "1 are present" in line
+
+
+def test_checkpoint_from_a_different_model_shape(tmp_path):
+    args = quick("model=mlp", "model.hidden=[32]", "trainer.steps=2", "checkpoint.every=2", f"hydra.run.dir={tmp_path}")
+    run_cli(args)
+    line = one_line_error([*args[:-3], "model.hidden=[16]", *args[-2:]])
+    assert "checkpoint 2" in line and "model.hidden=[32] (now [16])" in line
+
+
+def test_unwritable_output_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    line = one_line_error(quick(f"hydra.run.dir={blocker}/run"))
+    assert str(blocker) in line and "hydra.run.dir=PATH" in line
+
+
+@pytest.mark.parametrize("override, expected", [("trainer.steps=0", "trainer.steps=0"),
+                                                ("trainer.nan_policy=ignore", "valid: stop, skip"),
+                                                ("model.activation=swishy", "swishy")])
+def test_bad_values(tmp_path, override, expected):
+    assert expected in one_line_error(quick("model=mlp", override, f"hydra.run.dir={tmp_path}"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    """Warmup starts at lr 0, so step 1 is finite and checkpointed; lr 1e9 then blows the loss up."""
+    args = quick("model=mlp", "trainer.steps=40", "trainer.log_every=1", "checkpoint.every=1", "checkpoint.keep=50",
+                 "optim=sgd", "optim.warmup_steps=2", "optim.lr=1e9", f"hydra.run.dir={tmp_path}")
+    line = one_line_error(args, after_progress=True)
+    match = re.search(r"non-finite loss or gradient norm at step (\d+); stopped \(last good checkpoint: step (\d+)",
+                      line)
+    assert match and "trainer.nan_policy=skip" in line, line
+    bad, good = int(match[1]), int(match[2])
+    assert good == bad - 1
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == good
+    params = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(good) / "state")["params"]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
