@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import sys
@@ -277,10 +278,16 @@ def train(exp: Experiment) -> dict[str, float]:
     last_saved = start
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    def load(step: int) -> dict[str, jax.Array]:
+        return mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
+
     try:
-        with Preemption() as preemption:
+        with Preemption() as preemption, ThreadPoolExecutor(1) as prefetch:
+            next_batch = prefetch.submit(load, start)
             for step in bar:
-                batch = mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
+                batch = next_batch.result()
+                if step + 1 < tc.steps:  # the next batch loads while this step runs
+                    next_batch = prefetch.submit(load, step + 1)
                 state, sums = train_step(state, batch)
                 window = combine(window, sums)
                 done = step + 1
