@@ -10,6 +10,7 @@ directory (outputs/model_table/MODEL-DATA unless `hydra.run.dir=` says otherwise
 """
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -19,12 +20,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from models.resnet import BasicBlock, Bottleneck, ResNet
 from train.config import check_group_choices
 
 KINDS = ("attention", "feed-forward", "embedding", "norm", "other")
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" on every CPU run
 
 # ---- Building and compiling without allocating ----
 
@@ -52,8 +55,8 @@ def example_inputs(data_cfg: DictConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
         return (jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels), jnp.float32),)
     if data_cfg.task == "next_token":
         return (jax.ShapeDtypeStruct((1, data_cfg.seq_len), jnp.int32),)
-    src_len = data_cfg.get("src_len", data_cfg.seq_len)
-    return jax.ShapeDtypeStruct((1, src_len), jnp.int32), jax.ShapeDtypeStruct((1, data_cfg.seq_len), jnp.int32)
+    return (jax.ShapeDtypeStruct((1, data_cfg.src_len), jnp.int32),
+            jax.ShapeDtypeStruct((1, data_cfg.seq_len), jnp.int32))
 
 
 def forward_flops(model: nnx.Module, inputs: tuple[jax.ShapeDtypeStruct, ...]) -> float:
@@ -96,6 +99,11 @@ def count(tree: dict | int) -> int:
     return tree if isinstance(tree, int) else sum(count(v) for v in tree.values())
 
 
+def per_example(shape: tuple) -> list[int]:
+    """A batch-1 output shape without its batch dimension (outputs computed without one, e.g. positions, kept)."""
+    return list(shape[1:] if shape and shape[0] == 1 else shape)
+
+
 def is_list(node: dict | int) -> bool:
     """Whether a parameter_tree node is an nnx.List (stages, blocks): integer keys."""
     return isinstance(node, dict) and bool(node) and all(isinstance(k, int) for k in node)
@@ -116,20 +124,20 @@ def table_rows(tree: dict, outputs: dict[tuple, list[tuple]], prefix: tuple = ()
         path = prefix + (key,)
         shapes = outputs.get(call_key(node, path), [])
         rows.append({"name": ".".join(map(str, path)), "depth": len(path) - 1, "params": count(node),
-                     "output": [list(s[1:]) for s in shapes]})
+                     "output": [per_example(s) for s in shapes]})
         if is_list(node):
             rows += table_rows(node, outputs, path)
     return rows
 
 
 def parameter_kind(path: tuple) -> str:
-    """Kind of a parameter by the naming convention: `attn`, `mlp`, `*embed*`, `norm*`/`ln*` module names."""
+    """Kind of a parameter by the naming convention: `attn`, `mlp`, `*embed*` (or `*token*`), `norm*`/`ln*` names."""
     names = [str(k) for k in path[:-1]]
     if any("attn" in n for n in names):
         return "attention"
     if any(n.startswith("mlp") for n in names):
         return "feed-forward"
-    if any("embed" in str(k) for k in path):
+    if any("embed" in str(k) or "token" in str(k) for k in path):
         return "embedding"
     if names and names[-1].startswith(("norm", "ln")):
         return "norm"
@@ -144,15 +152,20 @@ def parameters_by_kind(model: nnx.Module) -> dict[str, int]:
     return kinds
 
 
-def dense_macs(model: nnx.Module, outputs: dict[tuple, list[tuple]]) -> int:
-    """Multiply-adds of the Conv and Linear layers, padding included (the convention of torchvision's 4.09 GMACs)."""
+def conv_macs(model: nnx.Module, outputs: dict[tuple, list[tuple]]) -> int | None:
+    """Multiply-adds of the Conv and Linear layers, padding included (torchvision's 4.09 GMACs for ResNet-50).
+
+    None for models without padded convolutions, where XLA's count already is the usual one.
+    """
+    modules = list(nnx.iter_modules(model))
+    if not any(isinstance(m, nnx.Conv) and m.padding != "VALID" for _, m in modules):
+        return None
     macs = 0
-    for path, module in nnx.iter_modules(model):
+    for path, module in modules:
         if isinstance(module, (nnx.Conv, nnx.Linear)):
-            kernel = module.kernel.get_value()
-            per_position = kernel.size // (module.feature_group_count if isinstance(module, nnx.Conv) else 1)
-            for shape in outputs.get(tuple(path) + ("__call__",), []):
-                macs += per_position * math.prod(shape[:-1])
+            groups = module.feature_group_count if isinstance(module, nnx.Conv) else 1
+            per_position = module.kernel.get_value().size // groups
+            macs += sum(per_position * math.prod(shape[:-1]) for shape in outputs.get((*path, "__call__"), []))
     return macs
 
 
@@ -188,11 +201,11 @@ def model_table(cfg: DictConfig) -> dict:
         "rows": table_rows(tree, outputs),
         "parameters_by_kind": parameters_by_kind(model),
         "flops_per_example": forward_flops(model, inputs),
-        "dense_macs_per_example": dense_macs(model, outputs),
+        "conv_macs_per_example": conv_macs(model, outputs),
         "total_parameters": count(tree),
     }
     if ("features",) in outputs:
-        table["features"] = [list(s[1:]) for s in outputs[("features",)]]
+        table["features"] = [per_example(s) for s in outputs[("features",)]]
     if isinstance(model, ResNet) and isinstance(model.stages[0][0], Bottleneck):
         table["bottleneck_vs_plain"] = bottleneck_comparison(cfg.model.dtype)
     return table
@@ -209,12 +222,13 @@ def format_table(table: dict) -> str:
     lines.append("parameters by kind: " + ", ".join(
         f"{k} {n:,} ({n / total:.1%})" for k, n in table["parameters_by_kind"].items() if n))
     if "features" in table:
-        lines.append("features before pooling (H x W x C): "
+        lines.append("features before pooling / classification: "
                      + ", ".join(" x ".join(map(str, s)) for s in table["features"]))
-    flops, macs = table["flops_per_example"], table["dense_macs_per_example"]
-    lines.append(f"forward FLOPs per example (XLA cost analysis): {flops / 1e9:,.3f} G = {flops / 2e9:,.3f} GMACs "
-                 "(XLA skips multiplications by convolution padding)")
-    lines.append(f"conv + linear multiply-adds per example, padding included: {macs / 1e9:,.3f} GMACs")
+    flops = table["flops_per_example"]
+    lines.append(f"forward FLOPs per example (XLA cost analysis): {flops / 1e9:,.3f} G = {flops / 2e9:,.3f} GMACs")
+    if table["conv_macs_per_example"] is not None:
+        lines.append(f"  XLA skips multiplications by convolution padding; conv + linear multiply-adds with padding "
+                     f"(the usual published count): {table['conv_macs_per_example'] / 1e9:,.3f} GMACs")
     if "bottleneck_vs_plain" in table:
         lines.append("bottleneck vs plain block at 56 x 56 (identity shortcut, BatchNorm included):")
         for name, c in table["bottleneck_vs_plain"].items():
@@ -229,7 +243,10 @@ def format_table(table: dict) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Print the model table of the composed config and write it as JSON to the run directory."""
-    table = model_table(cfg)
+    try:
+        table = model_table(cfg)
+    except InstantiationException as e:  # a shape contradiction in the config, named in one line by the model
+        sys.exit(f"error: {e.__cause__ or e}")
     path = Path(HydraConfig.get().runtime.output_dir) / "model_table.json"
     path.write_text(json.dumps(table, indent=1))
     print(f"wrote {path}")
@@ -237,8 +254,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_group_choices(sys.argv[1:])
+    try:
+        check_group_choices(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):
         # Its own run directory, so that the table never overwrites a training run's .hydra/ config.
-        sys.argv.append("hydra.run.dir=outputs/model_table/${hydra:runtime.choices.model}-${hydra:runtime.choices.data}")
+        sys.argv.append("hydra.run.dir=outputs/model_table/"
+                        "${hydra:runtime.choices.model}-${hydra:runtime.choices.data}")
     main()

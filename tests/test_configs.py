@@ -27,7 +27,8 @@ def test_command_line_overrides_reach_the_config():
 def test_every_option_of_small_groups_composes(group):
     for option in group_options(group):
         cfg = compose([f"{group}={option}"])
-        assert OmegaConf.to_container(cfg, resolve=True)
+        assert OmegaConf.to_container(cfg[group], resolve=True)
+        assert "_target_" in cfg[group] or group in ("trainer", "mesh")
 
 
 def test_unknown_group_option_is_one_line_listing_valid_options():

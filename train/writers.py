@@ -55,7 +55,8 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
         ax.set(xlabel="step", title=title)
         if title == "loss":
             ax.set_yscale("log")
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
