@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from PIL import Image
 
 from data.augment import augment_images
 from data.sampling import Shard, eval_indices, train_indices
@@ -37,13 +38,17 @@ def open_split(name: str, data_dir: str, split: str):
 
 
 def to_example(record: dict, image_size: int, channels: int) -> dict[str, np.ndarray]:
-    """A TFDS record as float32 (S, S, C) image in [0, 1] and int32 label."""
+    """A TFDS record as float32 (S, S, C) image in [0, 1] (resized when the dataset's size differs) and label."""
     image = np.asarray(record["image"])
-    if image.shape != (image_size, image_size, channels):
-        raise ValueError(f"TFDS image shape {image.shape} does not match the config's "
-                         f"(image_size, image_size, channels) = {(image_size, image_size, channels)}")
+    if image.shape[-1] != channels:
+        raise ValueError(f"TFDS image has {image.shape[-1]} channels, the config says data.channels={channels}")
     scale = 255.0 if image.dtype == np.uint8 else 1.0
-    return {"image": image.astype(np.float32) / scale, "label": np.int32(record["label"])}
+    image = image.astype(np.float32) / scale
+    if image.shape[:2] != (image_size, image_size):  # e.g. ImageNet: images of every size
+        image = np.stack([np.asarray(Image.fromarray(image[..., c], mode="F").resize((image_size, image_size),
+                                                                                   Image.BILINEAR))
+                          for c in range(channels)], axis=-1)
+    return {"image": image, "label": np.int32(record["label"])}
 
 
 class TFDSImages:

@@ -98,7 +98,8 @@ class Stem(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = nnx.relu(self.norm(self.conv(x)))
         if self.kind == "imagenet":
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # (B, H/2, W/2, C) -> (B, H/4, W/4, C)
+            # (B, H/2, W/2, C) -> (B, H/4, W/4, C)
+            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         return x
 
 

@@ -19,7 +19,7 @@ def test_resnet50_table_from_the_command_line(tmp_path):
     assert table["features"] == [[7, 7, 2048]]
     assert [r["output"] for r in table["rows"] if r["name"].count(".") == 1] == [
         [[56, 56, 256]], [[28, 28, 512]], [[14, 14, 1024]], [[7, 7, 2048]]]
-    assert table["dense_macs_per_example"] == pytest.approx(4.089e9, rel=1e-3)  # torchvision: 4.09 GMACs
+    assert table["conv_macs_per_example"] == pytest.approx(4.089e9, rel=1e-3)  # torchvision: 4.09 GMACs
     assert 3.9e9 < table["flops_per_example"] / 2 < 4.2e9
     bottleneck, plain = table["bottleneck_vs_plain"].values()
     assert plain["params"] / bottleneck["params"] == pytest.approx(16.8, abs=0.1)

@@ -88,7 +88,8 @@ def test_batchnorm_eval_mode_uses_running_averages_and_leaves_them(tiny_resnet):
     forward(model, x)
     stats = jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
     model.eval()
-    np.testing.assert_allclose(forward(model, x)[:1], forward(model, x[:1]), rtol=1e-5, atol=1e-5)  # independent of the batch
+    # each example's output is independent of its batch
+    np.testing.assert_allclose(forward(model, x)[:1], forward(model, x[:1]), rtol=1e-5, atol=1e-5)
     jax.tree.map(np.testing.assert_array_equal, stats, jax.tree.map(np.array, nnx.state(model, nnx.BatchStat)))
     norm, h = model.stem.norm, model.stem.conv(x)
     manual = (h - norm.mean.get_value()) / jnp.sqrt(norm.var.get_value() + 1e-5) * norm.scale.get_value() \

@@ -175,7 +175,8 @@ def make_train_step(exp: Experiment) -> Callable:
     big = jnp.iinfo(jnp.int32).max
 
     def summed_loss(params, model_state, batch):
-        model = nnx.merge(graphdef, params, model_state)
+        # copy=True: fresh Variables of this trace, so BatchNorm can update its statistics inside grad.
+        model = nnx.merge(graphdef, params, model_state, copy=True)
         sums = metric_sums(task, model, batch)
         return sums["loss"], (sums, nnx.split(model, nnx.Param, ...)[2])
 

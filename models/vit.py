@@ -1,0 +1,76 @@
+"""Vision Transformer (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words"), timm-exact parameter counts.
+
+Eq. 1-4 of the paper: the image cut into P x P patches, each linearly embedded; a learnable [CLS] token
+prepended; learned position embeddings added; L pre-LayerNorm encoder blocks; the class read from the final
+[CLS] state. Attention and the MLP are the shared `models.layers` blocks.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.layers import FeedForward, MultiHeadAttention
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN encoder block (eq. 2-3): x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dtype: str, rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.attn = MultiHeadAttention(d_model, num_heads, dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.mlp = FeedForward(d_model, d_ff, activation="gelu", dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nnx.Module):
+    """ViT classifier: patch embedding, [CLS] + position embeddings, `depth` encoder blocks, LN, linear head."""
+
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        patch_size: int,
+        d_model: int,
+        depth: int,
+        num_heads: int,
+        d_ff: int,
+        num_classes: int,
+        in_channels: int = 3,
+        dtype: str = "float32",
+        rngs: nnx.Rngs,
+    ):
+        if image_size % patch_size:
+            valid = ", ".join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)
+            raise ValueError(f"ViT: image size {image_size} is not divisible by patch size {patch_size} "
+                             f"(valid: {valid})")
+        num_patches = (image_size // patch_size) ** 2
+        self.patch_embed = nnx.Conv(  # a P x P convolution with stride P = a linear map of each flattened patch
+            in_channels, d_model, (patch_size, patch_size), strides=patch_size, padding="VALID",
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        )
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d_model), jnp.float32))
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, d_model), jnp.float32))
+        self.blocks = nnx.List([EncoderBlock(d_model, num_heads, d_ff, dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        # big_vision initialises the head to zero: every class starts equally likely.
+        self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
+            nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """The final normalised token states: (B, H, W, C) -> (B, 1 + N, D), [CLS] first."""
+        x = self.patch_embed(images)  # (B, H, W, C) -> (B, H/P, W/P, D)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H/P, W/P, D) -> (B, N, D)
+        cls = jnp.broadcast_to(self.cls_token.get_value(), (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.get_value().astype(x.dtype)  # (B, 1 + N, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.head(self.features(images)[:, 0])  # (B, D) [CLS] state -> (B, num_classes)
