@@ -153,7 +153,7 @@ class NumbersEnFr:
     task = "seq2seq"
 
     def __init__(self, max_number: int = 100_000, test_fraction: float = 0.1, src_len: int = 56,
-                 tgt_len: int = 60, seed: int = 0, **metadata):
+                 tgt_len: int = 62, seed: int = 0, **metadata):
         num_test = int(round(max_number * test_fraction))
         if not 0 < num_test < max_number:
             raise ValueError(f"numbers_en_fr: test_fraction {test_fraction} of {max_number} numbers leaves an "

@@ -172,7 +172,7 @@ def _greedy(graphdef: nnx.GraphDef, state: nnx.State, src: jax.Array) -> jax.Arr
         token, done, caches = carry
         logits, caches = model.decode(token[:, None], cross, src, caches)  # (B, 1) -> (B, 1, V)
         next_token = jnp.where(done, PAD, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
-        return (next_token, done | (next_token == EOS), caches), next_token
+        return (next_token, done | (next_token == EOS) | (next_token == PAD), caches), next_token
 
     start = jnp.full((src.shape[0],), BOS, jnp.int32)
     _, tokens = jax.lax.scan(step, (start, jnp.zeros_like(start, bool), caches), None, length=model.tgt_len)

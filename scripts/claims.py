@@ -107,7 +107,7 @@ def resnet50() -> dict:
     """ResNet-50 at 224 x 224: the feature map before pooling, parameters and multiply-adds per image."""
     cfg = compose(["model=resnet50", "data=imagenet2012"])
     model, _ = abstract_model(cfg.model)
-    outputs = module_outputs(model, example_inputs(cfg.data))
+    outputs = module_outputs(model, example_inputs(cfg.data, cfg.model))
     (features,) = outputs[("features",)]
     params, macs = num_params(model), conv_macs(model, outputs)
     return {"claim": "ResNet-50: 2048 x 7 x 7 before pooling, ~25.6M parameters, ~4.1 GMACs per 224x224 image",

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from models.resnet import BasicBlock, Bottleneck, ResNet
 from train.config import check_group_choices
@@ -49,8 +49,15 @@ def abstract_model(model_cfg: DictConfig) -> tuple[nnx.Module, list[str]]:
     return model, names
 
 
-def example_inputs(data_cfg: DictConfig) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """Abstract batch-1 model inputs for the data config's task and sizes."""
+def example_inputs(data_cfg: DictConfig, model_cfg: DictConfig | None = None) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """Abstract batch-1 model inputs for the data config's task and sizes.
+
+    A language model whose config fixes its own vocabulary and positions (gpt2_small, mamba_130m) is fed
+    tokens at its full length whatever the data config, so `model_table.py model=gpt2_small` needs no `data=`.
+    """
+    if model_cfg is not None and data_cfg.task != "next_token" and "vocab_size" in model_cfg \
+            and "src_vocab_size" not in model_cfg and not OmegaConf.is_interpolation(model_cfg, "vocab_size"):
+        return (jax.ShapeDtypeStruct((1, model_cfg.get("max_len", 1024)), jnp.int32),)
     if data_cfg.task == "classify":
         return (jax.ShapeDtypeStruct((1, data_cfg.image_size, data_cfg.image_size, data_cfg.channels), jnp.float32),)
     if data_cfg.task == "next_token":
@@ -191,7 +198,7 @@ def bottleneck_comparison(dtype: str) -> dict[str, dict[str, float]]:
 def model_table(cfg: DictConfig) -> dict:
     """Everything the table shows, as JSON-ready data."""
     model, order = abstract_model(cfg.model)
-    inputs = example_inputs(cfg.data)
+    inputs = example_inputs(cfg.data, cfg.model)
     outputs = module_outputs(model, inputs)
     tree = parameter_tree(model, order)
     table = {

@@ -26,6 +26,13 @@ def make(**options) -> Transformer:
     return nnx.merge(graphdef, jax.tree.unflatten(tree, leaves))
 
 
+def jitted(model: Transformer):
+    """model(src, tgt) compiled once per shape (eager op-by-op calls are slow on CPU)."""
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda state, src, tgt: nnx.merge(graphdef, state)(src, tgt))
+    return lambda src, tgt: forward(state, src, tgt)
+
+
 def batch(seed: int = 0) -> tuple[jax.Array, jax.Array]:
     rng = np.random.default_rng(seed)
     src = rng.integers(3, V, (4, S))
@@ -43,11 +50,12 @@ def model(request) -> Transformer:
 
 def test_decoder_is_causal(model):
     src, tgt = batch()
-    logits = model(src, tgt)
+    forward = jitted(model)
+    logits = forward(src, tgt)
     assert logits.shape == (4, T, V)
     for t in range(T - 1):
         changed = tgt.at[:, t + 1].set((tgt[:, t + 1] + 1) % V)
-        np.testing.assert_allclose(model(src, changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6)
+        np.testing.assert_allclose(forward(src, changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6)
 
 
 def test_encoder_padding_is_masked(model):
@@ -60,13 +68,12 @@ def test_encoder_padding_is_masked(model):
 
 def uncached_greedy(model: Transformer, src: jax.Array) -> np.ndarray:
     """Re-runs the full teacher-forced model for each new token; stops each row at EOS or padding."""
-    graphdef, state = nnx.split(model)
-    forward = jax.jit(lambda state, src, tgt: nnx.merge(graphdef, state)(src, tgt))
+    forward = jitted(model)
     tgt = jnp.zeros((src.shape[0], T), jnp.int32).at[:, 0].set(BOS)
     out = np.zeros((src.shape[0], T), np.int32)
     done = np.zeros(src.shape[0], bool)
     for t in range(T):
-        token = np.asarray(jnp.argmax(forward(state, src, tgt)[:, t], axis=-1))
+        token = np.asarray(jnp.argmax(forward(src, tgt)[:, t], axis=-1))
         token = np.where(done, 0, token)
         out[:, t] = token
         done |= (token == EOS) | (token == 0)

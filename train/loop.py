@@ -76,6 +76,10 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     check_missing(cfg)
     run_dir = Path(run_dir)
     check_writable(run_dir)
+    saved_cfg = run_dir / ".hydra" / "config.yaml"  # `python -m train` writes it; `run(cfg, dir)` too, for scripts
+    if not saved_cfg.exists() and jax.process_index() == 0:
+        saved_cfg.parent.mkdir(exist_ok=True)
+        saved_cfg.write_text(OmegaConf.to_yaml(cfg))
     tc = cfg.trainer
     for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
         if tc[key] <= 0:
