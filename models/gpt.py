@@ -14,6 +14,10 @@ from models.layers import FeedForward, KVCache, MultiHeadAttention
 
 _embed_init = nnx.initializers.normal(stddev=0.02)  # GPT-2's embedding initialisation
 
+# Rematerialisation policies for training (`remat`): what each block keeps for the backward pass.
+REMAT_POLICIES = {"full": None,  # keep only the block's input, recompute everything else
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
 
 class Block(nnx.Module):
     """One pre-norm decoder block: causal self-attention and a feed-forward layer, each with a residual."""
@@ -40,8 +44,10 @@ class GPT(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, d_model: int, num_heads: int,
                  d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True,
-                 dtype: str = "float32", rngs: nnx.Rngs):
-        self.max_len = max_len
+                 remat: str = "none", dtype: str = "float32", rngs: nnx.Rngs):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"GPT: remat {remat!r} is not known (valid: none, {', '.join(REMAT_POLICIES)})")
+        self.max_len, self.remat = max_len, remat
         self.token_embed = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs,
                                      embedding_init=nnx.with_partitioning(_embed_init, ("vocab", "embed")))
         self.pos_embed = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs,
@@ -70,6 +76,9 @@ class GPT(nnx.Module):
         x = self.dropout(self.token_embed(tokens) + self.pos_embed(positions))  # (B, T) -> (B, T, D)
         new_caches = []
         for i, block in enumerate(self.blocks):
+            if caches is None and self.remat != "none":  # training: recompute the block in the backward pass
+                x = nnx.remat(lambda b, h: b(h)[0], policy=REMAT_POLICIES[self.remat])(block, x)
+                continue
             x, cache = block(x, None if caches is None else caches[i])
             new_caches.append(cache)
         x = self.ln_f(x)

@@ -67,3 +67,24 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, accum):
     assert any(np.abs(u).max() > 1e-4 for u in params[0])
     for a, b in zip(*params, strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
+def test_rematerialised_blocks_give_the_same_loss_and_gradients(remat):
+    def loss_and_grads(policy):
+        exp = setup(compose([*GPT, f"model.remat={policy}"]), "/tmp/archlab-remat-test")
+        state = jax.jit(exp.init)()
+        batch = mesh_lib.global_batch(exp.dataset.train_batch(0, 16), exp.mesh)
+
+        def loss(params):
+            from flax import nnx
+            from train.tasks import metric_sums
+            sums = metric_sums("next_token", nnx.merge(exp.graphdef_train, params, state["model_state"], copy=True),
+                               batch)
+            return sums["loss"] / sums["count"]
+        return jax.jit(jax.value_and_grad(loss))(state["params"])
+
+    (l0, g0), (l1, g1) = loss_and_grads("none"), loss_and_grads(remat)
+    assert float(l0) == pytest.approx(float(l1), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
