@@ -82,12 +82,16 @@ class InductionHeads(_Synthetic):
     """Recall the token that followed the one occurrence of a special token, when it appears again at the end."""
 
     def __init__(self, seq_len: int = 256, vocab_size: int = 16, eval_examples: int = 512, seed: int = 0,
-                 **metadata):
-        if vocab_size < 3 or seq_len < 3:
-            raise ValueError(f"induction_heads: vocab_size {vocab_size} and seq_len {seq_len} must both be >= 3")
+                 extrapolation_lengths: tuple[int, ...] = (), extrapolation_examples: int = 64,
+                 extrapolation_batch_tokens: int = 2**17, **metadata):
+        if vocab_size < 3 or min((seq_len, *extrapolation_lengths)) < 3:
+            raise ValueError(f"induction_heads: vocab_size {vocab_size}, seq_len {seq_len} and extrapolation_lengths "
+                             f"{list(extrapolation_lengths)} must all be >= 3")
         super().__init__(eval_examples, seed)
         self.seq_len, self.vocab_size = seq_len, vocab_size
         self.special = vocab_size - 1
+        self.extrapolation_lengths, self.extrapolation_examples = tuple(extrapolation_lengths), extrapolation_examples
+        self.extrapolation_batch_tokens = extrapolation_batch_tokens
 
     def make(self, num: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """tokens (num, T + 1) and loss_mask (num, T) on the last position."""
@@ -101,3 +105,23 @@ class InductionHeads(_Synthetic):
         loss_mask = np.zeros((num, T), np.float32)
         loss_mask[:, -1] = 1.0
         return {"tokens": tokens.astype(np.int32), "loss_mask": loss_mask}
+
+    def final_metrics(self, model) -> dict[str, float]:
+        """Accuracy at each of `extrapolation_lengths` (paper Table 2: trained at 256, tested up to 2^20).
+
+        Batches hold about `extrapolation_batch_tokens` tokens, which bounds the memory of long sequences.
+        """
+        from flax import nnx
+
+        last_logits = nnx.jit(lambda m, tokens: m(tokens)[:, -1])
+        metrics = {}
+        for length in self.extrapolation_lengths:
+            data = InductionHeads(length, self.vocab_size, seed=self.seed).make(
+                self.extrapolation_examples, _rng(self.seed, 2, length))
+            batch = max(1, min(self.extrapolation_examples, self.extrapolation_batch_tokens // length))
+            correct = 0
+            for start in range(0, self.extrapolation_examples, batch):
+                tokens = data["tokens"][start:start + batch]
+                correct += int((np.asarray(last_logits(model, tokens[:, :-1])).argmax(-1) == tokens[:, -1]).sum())
+            metrics[f"accuracy_at_{length}"] = correct / self.extrapolation_examples
+        return metrics

@@ -20,35 +20,35 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Cache = list[tuple[jax.Array, jax.Array]]  # per layer: (conv state (B, K-1, D), ssm state (B, D, N))
-
-
-class NoWeightDecay(nnx.Param):
-    """A parameter the optimizer must not decay: Mamba's A_log and D (the reference's `_no_weight_decay`)."""
+Array = jax.Array
+Cache = list[tuple[Array, Array]]  # per layer: (conv state (B, K-1, D), ssm state (B, D, N))
 
 
 # ---- Selective scan ----
 
 
-def _discretize(dt: jax.Array, A: jax.Array, B: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _discretize(dt: Array, A: Array, B: Array, x: Array) -> tuple[Array, Array]:
     """ZOH for A (exp(dt A)) and Euler for B (dt B x), as the reference selective_scan does."""
     dA = jnp.exp(jnp.einsum("bld,dn->bldn", dt, A))  # (B, L, D, N)
     dBx = jnp.einsum("bld,bln,bld->bldn", dt, B, x)  # (B, L, D, N)
     return dA, dBx
 
 
-def ssm_step(h: jax.Array, dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def ssm_step(h: Array, dt: Array, A: Array, B: Array, C: Array, x: Array) -> tuple[Array, Array]:
     """One recurrence step: h (B, D, N), dt/x (B, D), B/C (B, N) -> (new h, y (B, D))."""
     h = jnp.exp(dt[..., None] * A) * h + (dt * x)[..., None] * B[:, None, :]
     return h, jnp.einsum("bdn,bn->bd", h, C)
 
 
-def _initial_state(x: jax.Array, A: jax.Array, h0: jax.Array | None) -> jax.Array:
+def _initial_state(x: Array, A: Array, h0: Array | None) -> Array:
     return jnp.zeros((x.shape[0], *A.shape), x.dtype) if h0 is None else h0
 
 
-def scan_sequential(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, h0: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Reference scan, one step per token: dt/x (B, L, D), A (D, N), B/C (B, L, N) -> (y (B, L, D), h_L (B, D, N))."""
+def scan_sequential(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array | None = None) -> tuple[Array, Array]:
+    """Reference scan, one step per token.
+
+    dt, x (B, L, D); A (D, N); B, C (B, L, N); h0 (B, D, N) or None -> (y (B, L, D), last state (B, D, N)).
+    """
 
     def step(h, inputs):
         return ssm_step(h, *inputs[:1], A, *inputs[1:])
@@ -58,14 +58,14 @@ def scan_sequential(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: 
     return jnp.swapaxes(y, 0, 1), h
 
 
-def _combine(left: tuple[jax.Array, jax.Array], right: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+def _combine(left: tuple[Array, Array], right: tuple[Array, Array]) -> tuple[Array, Array]:
     """Compose two affine maps h -> a h + b (left first): the associative operator of the linear recurrence."""
     a_l, b_l = left
     a_r, b_r = right
     return a_l * a_r, a_r * b_l + b_r
 
 
-def scan_associative(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, h0: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def scan_associative(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array | None = None) -> tuple[Array, Array]:
     """Parallel scan (Blelloch) over the sequence in O(log L) depth; materialises all states (B, L, D, N)."""
     dA, dBx = _discretize(dt, A, B, x)
     if h0 is not None:
@@ -74,8 +74,12 @@ def scan_associative(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x:
     return jnp.einsum("bldn,bln->bld", h, C), h[:, -1]
 
 
-def scan_chunked(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, h0: jax.Array | None = None, chunk: int = 256) -> tuple[jax.Array, jax.Array]:
-    """Sequential over chunks, associative inside; each chunk is recomputed in the backward pass, so memory is O(chunk)."""
+def scan_chunked(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array | None = None,
+                 chunk: int = 256) -> tuple[Array, Array]:
+    """Sequential over chunks, associative inside; each chunk is recomputed in the backward pass.
+
+    Only the state between chunks (B, D, N) per chunk is kept for the backward pass, not every (B, L, D, N) state.
+    """
     b, length, d = x.shape
     pad = -length % chunk
     # dt = 0 past the end makes exp(dt A) = 1 and dt B x = 0: the padded steps carry the state unchanged.
@@ -93,14 +97,15 @@ def scan_chunked(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax
     return y, h
 
 
-SCANS: dict[str, Callable[..., tuple[jax.Array, jax.Array]]] = {
+SCANS: dict[str, Callable[..., tuple[Array, Array]]] = {
     "associative": scan_associative,
     "sequential": scan_sequential,
     "chunked": scan_chunked,
 }
 
 
-def selective_scan(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, *, method: str = "associative", chunk: int = 256, h0: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def selective_scan(dt: Array, A: Array, B: Array, C: Array, x: Array, *, method: str = "associative", chunk: int = 256,
+                   h0: Array | None = None) -> tuple[Array, Array]:
     """h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t, y_t = C_t h_t by the named implementation -> (y, last state)."""
     if method == "chunked":
         return scan_chunked(dt, A, B, C, x, h0, chunk=chunk)
@@ -125,7 +130,7 @@ def _uniform(bound: float) -> nnx.Initializer:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def _dt_bias_init(key: jax.Array, d_inner: int, dt_min: float, dt_max: float, floor: float) -> jax.Array:
+def _dt_bias_init(key: Array, d_inner: int, dt_min: float, dt_max: float, floor: float) -> Array:
     """Bias whose softplus is dt ~ log-uniform in [dt_min, dt_max] (floored), the reference's dt init."""
     u = jax.random.uniform(key, (d_inner,))
     dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), floor)
@@ -133,7 +138,11 @@ def _dt_bias_init(key: jax.Array, d_inner: int, dt_min: float, dt_max: float, fl
 
 
 class MambaBlock(nnx.Module):
-    """The Mamba mixer (reference `Mamba` in mamba_simple.py; paper Fig. 3): in_proj, causal conv, S6 scan, gate, out_proj."""
+    """The Mamba mixer (reference `Mamba`, mamba_simple.py; paper Fig. 3): in_proj, conv, S6 scan, gate, out_proj.
+
+    `scan` None picks `default_scan()` for the backend; `out_scale` scales out_proj's init (the LM passes
+    1/sqrt(num_layers)).
+    """
 
     def __init__(
         self,
@@ -158,8 +167,8 @@ class MambaBlock(nnx.Module):
             raise ValueError(f"MambaBlock: unknown scan {scan!r} (valid: {', '.join(SCANS)})")
         if chunk_size < 1 or d_state < 1 or d_conv < 1 or expand < 1:
             raise ValueError(
-                f"MambaBlock: chunk_size {chunk_size}, d_state {d_state}, d_conv {d_conv}, expand {expand} must all be >= 1"
-            )
+                f"MambaBlock: chunk_size {chunk_size}, d_state {d_state}, d_conv {d_conv}, expand {expand} "
+                f"must all be >= 1")
         self.d_inner = expand * d_model
         self.d_state, self.d_conv = d_state, d_conv
         self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
@@ -167,13 +176,15 @@ class MambaBlock(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         linear = functools.partial(nnx.Linear, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
 
-        self.in_proj = linear(d_model, 2 * self.d_inner, kernel_init=nnx.with_partitioning(_torch_linear_init(), ("embed", "mlp")))
+        self.in_proj = linear(d_model, 2 * self.d_inner,
+                              kernel_init=nnx.with_partitioning(_torch_linear_init(), ("embed", "mlp")))
         conv_init = _uniform(d_conv**-0.5)  # torch Conv1d default; depthwise, so fan_in = d_conv
         self.conv_kernel = nnx.Param(conv_init(rngs.params(), (d_conv, self.d_inner)), out_sharding=(None, "mlp"))
         self.conv_bias = nnx.Param(conv_init(rngs.params(), (self.d_inner,)), out_sharding=("mlp",))
         dt_bias = _dt_bias_init(rngs.params(), self.d_inner, dt_min, dt_max, dt_init_floor)
         if selective:
-            self.x_proj = linear(self.d_inner, self.dt_rank + 2 * d_state, kernel_init=nnx.with_partitioning(_torch_linear_init(), ("mlp", None)))
+            self.x_proj = linear(self.d_inner, self.dt_rank + 2 * d_state,
+                                 kernel_init=nnx.with_partitioning(_torch_linear_init(), ("mlp", None)))
             self.dt_proj = nnx.Linear(
                 self.dt_rank,
                 self.d_inner,
@@ -190,11 +201,13 @@ class MambaBlock(nnx.Module):
             self.C = nnx.Param(jax.random.normal(rngs.params(), (d_state,)) * d_state**-0.5)
         # S4D-real: A = -(1, 2, ..., N) in every channel, stored as its log so that A stays negative.
         A = jnp.broadcast_to(jnp.arange(1, d_state + 1, dtype=jnp.float32), (self.d_inner, d_state))
-        self.A_log = NoWeightDecay(jnp.log(A), out_sharding=("mlp", None))
-        self.D = NoWeightDecay(jnp.ones((self.d_inner,)), out_sharding=("mlp",))
-        self.out_proj = linear(self.d_inner, d_model, kernel_init=nnx.with_partitioning(_torch_linear_init(out_scale), ("mlp", "embed")))
+        # A_log and D keep these names: train/optim.py's decay_mask exempts them, as the reference does.
+        self.A_log = nnx.Param(jnp.log(A), out_sharding=("mlp", None))
+        self.D = nnx.Param(jnp.ones((self.d_inner,)), out_sharding=("mlp",))
+        self.out_proj = linear(self.d_inner, d_model,
+                               kernel_init=nnx.with_partitioning(_torch_linear_init(out_scale), ("mlp", "embed")))
 
-    def _ssm_inputs(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    def _ssm_inputs(self, x: Array) -> tuple[Array, Array, Array, Array]:
         """x (..., D) after the conv -> float32 dt (..., D), A (D, N), B, C (..., N)."""
         A = -jnp.exp(self.A_log[...])
         if self.selective:
@@ -239,7 +252,8 @@ class MambaBlock(nnx.Module):
         conv_state, h = state
         x, z = jnp.split(self.in_proj(u), 2, axis=-1)  # (B, D) each
         window = jnp.concatenate([conv_state, x[:, None]], axis=1)  # (B, K, D)
-        xc = jnp.einsum("bkd,kd->bd", window, self.conv_kernel[...].astype(self.dtype)) + self.conv_bias[...].astype(self.dtype)
+        kernel, bias = self.conv_kernel[...].astype(self.dtype), self.conv_bias[...].astype(self.dtype)
+        xc = jnp.einsum("bkd,kd->bd", window, kernel) + bias
         xc = jax.nn.silu(xc)
         dt, A, B, C = self._ssm_inputs(xc)
         h, y = ssm_step(h, dt, A, B, C, xc.astype(jnp.float32))
@@ -290,7 +304,8 @@ class MambaLM(nnx.Module):
         rngs: nnx.Rngs,
     ):
         if vocab_size < 1 or d_model < 1 or num_layers < 1:
-            raise ValueError(f"MambaLM: vocab_size {vocab_size}, d_model {d_model}, num_layers {num_layers} must all be >= 1")
+            raise ValueError(f"MambaLM: vocab_size {vocab_size}, d_model {d_model}, num_layers {num_layers} "
+                             f"must all be >= 1")
         self.vocab_size = vocab_size
         padded_vocab = -(-vocab_size // pad_vocab_multiple) * pad_vocab_multiple  # the reference pads for fast matmuls
         self.embed = nnx.Embed(
@@ -357,7 +372,7 @@ class MambaLM(nnx.Module):
 def generate(model: MambaLM, prompt: jax.Array, num_tokens: int, key: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Sample `num_tokens` after `prompt` (B, T) in recurrent mode (constant memory per token) -> (B, num_tokens).
 
-    temperature 0 is greedy decoding. Jit it with the model as a static graph: `nnx.jit(generate, static_argnums=(2, 4))`.
+    temperature 0 is greedy decoding. Jit with the sizes static: `nnx.jit(generate, static_argnums=(2, 4))`.
     """
     logits, cache = model.prefill(prompt)
 

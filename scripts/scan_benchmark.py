@@ -79,8 +79,8 @@ def main() -> None:
     (out / "scan_benchmark.json").write_text(json.dumps(result, indent=2))
     table = ["| L | " + " | ".join(f"{m} s | {m} MiB" for m in SCANS) + " |", "|---" * (1 + 2 * len(SCANS)) + "|"]
     for length in args.lengths:
-        cells = [r for r in rows if r["length"] == length]
-        table.append(f"| {length} | " + " | ".join(f"{r['seconds']:.3f} | {r['peak_bytes'] / 2**20:.0f}" for r in cells) + " |")
+        cells = " | ".join(f"{r['seconds']:.3f} | {r['peak_bytes'] / 2**20:.0f}" for r in rows if r["length"] == length)
+        table.append(f"| {length} | {cells} |")
     (out / "scan_benchmark.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     print(f"wrote {out}/scan_benchmark.json and scan_benchmark.md ({machine})")

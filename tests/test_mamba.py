@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hydra.utils import instantiate
 
 from models.mamba import SCANS, MambaBlock, MambaLM, generate, selective_scan
+from train.loop import run
 from train.optim import decay_mask
 
 
@@ -102,7 +104,7 @@ def test_generation_continues_the_greedy_parallel_prediction():
 def test_outputs_are_causal(scan):
     block = MambaBlock(8, scan=scan, chunk_size=4, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(3), (1, 10, 8))
-    jac = nnx.jit(lambda b, v: jax.jacfwd(lambda w: b(w)[0, :, 0])(v))(block, u)[:, 0]  # d out_t / d u_s: (T, T, d_model)
+    jac = nnx.jit(lambda b, v: jax.jacfwd(lambda w: b(w)[0, :, 0])(v))(block, u)[:, 0]  # d out_t / d u_s: (T, T, D)
     influence = jnp.abs(jac).sum(-1)
     assert jnp.all(jnp.triu(influence, k=1) == 0)  # no output sees a later input
     assert jnp.all(jnp.diag(influence) > 0)
@@ -115,13 +117,15 @@ def test_non_selective_parameters_do_not_depend_on_the_input():
     for a, b in ((dt1, dt2), (B1, B2), (C1, C2)):
         np.testing.assert_array_equal(a, b)
     selective = MambaBlock(8, rngs=nnx.Rngs(0))
-    assert not jnp.allclose(selective._ssm_inputs(jnp.ones((1, 1, 16)))[0], selective._ssm_inputs(-jnp.ones((1, 1, 16)))[0])
+    dt_plus, dt_minus = (selective._ssm_inputs(v * jnp.ones((1, 1, 16)))[0] for v in (1.0, -1.0))
+    assert not jnp.allclose(dt_plus, dt_minus)
 
 
 def test_reference_initialisation():
     block = MambaBlock(64, rngs=nnx.Rngs(0))  # d_inner 128, dt_rank 4
     assert block.dt_rank == 4
-    np.testing.assert_allclose(-jnp.exp(block.A_log[...]), -jnp.broadcast_to(jnp.arange(1.0, 17.0), (128, 16)), rtol=1e-6)
+    s4d_real = jnp.broadcast_to(jnp.arange(1.0, 17.0), (128, 16))  # A = -(1..N) in every channel
+    np.testing.assert_allclose(-jnp.exp(block.A_log[...]), -s4d_real, rtol=1e-6)
     np.testing.assert_array_equal(block.D[...], jnp.ones(128))
     dt = jax.nn.softplus(block.dt_proj.bias[...])  # softplus(bias) is the initial dt: log-uniform in [1e-3, 1e-1]
     assert 1e-3 <= float(dt.min()) and float(dt.max()) <= 1e-1 + 1e-6
@@ -160,3 +164,22 @@ def test_partition_metadata():
 def test_bad_scan_name_fails_in_the_constructor():
     with pytest.raises(ValueError, match="unknown scan 'fast'.*associative, sequential, chunked"):
         MambaBlock(8, scan="fast", rngs=nnx.Rngs(0))
+
+
+def test_short_selective_copying_run_learns(cfg_for, tmp_path):
+    cfg = cfg_for("model=mamba", "data=selective_copy", "data.length=16", "data.num_tokens=2", "data.vocab_size=6",
+                  "data.seq_len=19", "model.d_model=32", "model.num_layers=2", "optim.lr=1e-2", "optim.warmup_steps=20",
+                  "trainer.steps=300", "trainer.batch_size=32", "trainer.eval_every=300", "checkpoint.every=300")
+    final = run(cfg, tmp_path)
+    assert final["eval/loss"] < 0.4 * np.log(4)  # chance: 4 data tokens
+    assert final["eval/accuracy"] > 0.6
+
+
+@pytest.mark.parametrize("name", ["selective_copy_s6", "selective_copy_s4", "selective_copy_paper",
+                                  "induction_heads_mamba", "induction_heads_gpt"])
+def test_experiment_presets_compose_and_their_data_builds(cfg_for, name):
+    cfg = cfg_for(f"+experiment={name}")
+    data = instantiate(cfg.data, _convert_="all")
+    assert data.task == "next_token" and cfg.model.num_layers == 2 and cfg.model.d_model == 64
+    if name.startswith("selective_copy"):
+        assert cfg.model.selective == (name != "selective_copy_s4")

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 from data.text import BOS, EOS, ByteCorpus, NumbersEnFr, SentencePieceTokenizer, TFDSText, number_pair
 from tests.conftest import run_cli
@@ -114,8 +113,6 @@ def test_short_gpt_run_beats_the_unigram_baseline(cfg_for, text_file, tmp_path):
     assert final["eval/loss"] < final["eval/unigram_loss"] - 0.5
     assert final["eval/bits_per_token"] == pytest.approx(final["eval/loss"] / np.log(2))
     # The sampling command restores the run's checkpoint; greedy continuations of the same prompt agree.
-    (tmp_path / ".hydra").mkdir()  # `python -m train` writes the composed config there, run() does not
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     sample = run_cli([str(tmp_path), "--prompt", "def f1", "--temperature", "0", "--num_samples", "2",
                       "--max_new_tokens", "20"], module="scripts/sample.py").stdout.split("---- sample 1 ----\n")
     assert sample[0].startswith("---- sample 0 ----\ndef f1") and sample[1].startswith("def f1")
@@ -138,6 +135,4 @@ def test_short_transformer_run_beats_the_unigram_baseline_and_reports_translatio
     final = run(cfg, tmp_path)
     assert final["eval/loss"] < target_unigram_loss(NumbersEnFr(max_number=2000)) - 1.0
     assert 0.0 <= final["eval/exact_match"] <= 1.0 and 0.0 <= final["eval/bleu"] <= 100.0
-    (tmp_path / ".hydra").mkdir()
-    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
     run_cli([str(tmp_path), "--prompt", "three hundred and twelve", "--beam_size", "2"], module="scripts/sample.py")
