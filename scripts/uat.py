@@ -154,9 +154,6 @@ def run_uat(cfg: DictConfig, out_dir: Path) -> list[dict]:
 def main(cfg: DictConfig) -> None:
     """Run the sweeps of conf/uat.yaml; print the table and where the outputs are."""
     runtime.apply(cfg.runtime.keep_freed_memory, cfg.runtime.ynn_conv_fusion_off, cfg.runtime.compilation_cache)
-    if cfg.runtime.compilation_cache:
-        # The 1-D targets' fits of one width compile to the same (sub-second) programs: cache them all.
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     start = time.perf_counter()
     records = run_uat(cfg, out_dir)

@@ -11,6 +11,9 @@ from train.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Subprocess runs share one persistent compilation cache, kept out of the user's home.
+os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".pytest_cache" / "xdg"))
+
 
 def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, module: str = "train",
             check: bool = True) -> subprocess.CompletedProcess:
@@ -23,12 +26,7 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, m
     return proc
 
 
-def quick(*overrides: str) -> list[str]:
-    """Overrides that keep a test run small: no compilation cache writes racing between tests."""
-    return ["runtime.compilation_cache=false", *overrides]
-
-
 @pytest.fixture
 def cfg_for():
     """Compose a config from overrides, as the command line would."""
-    return lambda *overrides: compose(quick(*overrides))
+    return lambda *overrides: compose([*overrides])

@@ -2,11 +2,11 @@
 
 import os
 
-from tests.conftest import quick, run_cli
+from tests.conftest import run_cli
 from train.writers import read_metrics
 
-ARGS = quick("model=lenet", "trainer.steps=10", "trainer.batch_size=64", "trainer.log_every=1",
-             "trainer.eval_every=10", "checkpoint.every=10")
+ARGS = ["model=lenet", "trainer.steps=10", "trainer.batch_size=64", "trainer.log_every=1",
+             "trainer.eval_every=10", "checkpoint.every=10"]
 
 
 def losses(run_dir) -> list[float]:

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 
 import pytest
 
-from tests.conftest import quick, run_cli
+from tests.conftest import run_cli
 
 
 def one_line_error(args, env=None, after_progress: bool = False) -> str:
@@ -23,29 +23,29 @@ def one_line_error(args, env=None, after_progress: bool = False) -> str:
 
 
 def test_missing_required_value(tmp_path):
-    line = one_line_error(quick("data.seed=???", f"hydra.run.dir={tmp_path}"))
+    line = one_line_error(["data.seed=???", f"hydra.run.dir={tmp_path}"])
     assert "missing required value(s): data.seed" in line
 
 
 def test_d_model_not_divisible_by_heads(tmp_path):
-    line = one_line_error(quick("model=gpt", "data=bytes", "model.d_model=100", "model.num_heads=3",
-                                f"hydra.run.dir={tmp_path}"))
+    line = one_line_error(["model=gpt", "data=bytes", "model.d_model=100", "model.num_heads=3",
+                                f"hydra.run.dir={tmp_path}"])
     assert "100" in line and "3" in line
 
 
 def test_batch_not_divisible_by_data_parallel_devices(tmp_path):
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    line = one_line_error(quick("trainer.batch_size=30", f"hydra.run.dir={tmp_path}"), env={"XLA_FLAGS": flags})
+    line = one_line_error(["trainer.batch_size=30", f"hydra.run.dir={tmp_path}"], env={"XLA_FLAGS": flags})
     assert "trainer.batch_size=30" in line and "4 data-parallel devices" in line
 
 
 def test_mesh_that_does_not_fit_the_devices(tmp_path):
-    line = one_line_error(quick("mesh.data=3", f"hydra.run.dir={tmp_path}"))
+    line = one_line_error(["mesh.data=3", f"hydra.run.dir={tmp_path}"])
     assert "'data': 3" in line and "1 are present" in line
 
 
 def test_checkpoint_from_a_different_model_shape(tmp_path):
-    args = quick("model=mlp", "model.hidden=[32]", "trainer.steps=2", "checkpoint.every=2", f"hydra.run.dir={tmp_path}")
+    args = ["model=mlp", "model.hidden=[32]", "trainer.steps=2", "checkpoint.every=2", f"hydra.run.dir={tmp_path}"]
     run_cli(args)
     line = one_line_error([*args[:-3], "model.hidden=[16]", *args[-2:]])
     assert "checkpoint 2" in line and "model.hidden=[32] (now [16])" in line
@@ -54,7 +54,7 @@ def test_checkpoint_from_a_different_model_shape(tmp_path):
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    line = one_line_error(quick(f"hydra.run.dir={blocker}/run"))
+    line = one_line_error([f"hydra.run.dir={blocker}/run"])
     assert str(blocker) in line and "hydra.run.dir=PATH" in line
 
 
@@ -62,13 +62,13 @@ def test_unwritable_output_directory(tmp_path):
                                                 ("trainer.nan_policy=ignore", "valid: stop, skip"),
                                                 ("model.activation=swishy", "swishy")])
 def test_bad_values(tmp_path, override, expected):
-    assert expected in one_line_error(quick("model=mlp", override, f"hydra.run.dir={tmp_path}"))
+    assert expected in one_line_error(["model=mlp", override, f"hydra.run.dir={tmp_path}"])
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     """Warmup starts at lr 0, so step 1 is finite and checkpointed; lr 1e9 then blows the loss up."""
-    args = quick("model=mlp", "trainer.steps=40", "trainer.log_every=1", "checkpoint.every=1", "checkpoint.keep=50",
-                 "optim=sgd", "optim.warmup_steps=2", "optim.lr=1e9", f"hydra.run.dir={tmp_path}")
+    args = ["model=mlp", "trainer.steps=40", "trainer.log_every=1", "checkpoint.every=1", "checkpoint.keep=50",
+                 "optim=sgd", "optim.warmup_steps=2", "optim.lr=1e9", f"hydra.run.dir={tmp_path}"]
     line = one_line_error(args, after_progress=True)
     match = re.search(r"non-finite loss or gradient norm at step (\d+); stopped \(last good checkpoint: step (\d+)",
                       line)

@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 
-from tests.conftest import ROOT, quick, run_cli
+from tests.conftest import ROOT, run_cli
 from train.writers import read_metrics
 
-ARGS = quick("model=mlp", "model.hidden=[128]", "trainer.steps=12", "trainer.batch_size=64", "trainer.log_every=1",
-             "trainer.eval_every=12", "checkpoint.every=6")
+ARGS = ["model=mlp", "model.hidden=[128]", "trainer.steps=12", "trainer.batch_size=64", "trainer.log_every=1",
+             "trainer.eval_every=12", "checkpoint.every=6"]
 
 
 def losses(run_dir) -> np.ndarray:

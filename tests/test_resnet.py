@@ -133,8 +133,8 @@ def test_doubling_channels_quadruples_parameters_and_flops():
 
 
 def test_resnet20_trains_on_digits(cfg_for, tmp_path):
-    # 100 steps of 32 images: ~25 s of CPU time on 2 cores; 300 steps of 128 reach 99.4% (notes/README_vision.md).
-    cfg = cfg_for("model=resnet20", "data=digits", "trainer.steps=100", "trainer.batch_size=32",
-                  "trainer.eval_every=100", "checkpoint.every=100", "optim.warmup_steps=10")
+    # 60 steps of 32 images (a few seconds of compute); 300 steps of 128 reach 99.4% (README, Results).
+    cfg = cfg_for("model=resnet20", "data=digits", "trainer.steps=60", "trainer.batch_size=32",
+                  "trainer.eval_every=60", "checkpoint.every=60", "optim.warmup_steps=10")
     final = run(cfg, tmp_path)
-    assert final["eval/accuracy"] >= 0.95
+    assert final["eval/accuracy"] >= 0.90

@@ -13,11 +13,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import ROOT, quick, run_cli
+from tests.conftest import ROOT, run_cli
 
 STEPS = 100
-ARGS = quick("model=lenet", f"trainer.steps={STEPS}", "trainer.batch_size=32",
-             "trainer.eval_every=100", "trainer.log_every=10", "checkpoint.every=10", "checkpoint.keep=3")
+ARGS = ["model=lenet", f"trainer.steps={STEPS}", "trainer.batch_size=32",
+             "trainer.eval_every=100", "trainer.log_every=10", "checkpoint.every=10", "checkpoint.keep=3"]
 
 
 def final_params(run_dir: Path, step: int = STEPS) -> list[np.ndarray]:

@@ -8,15 +8,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import quick, run_cli
+from tests.conftest import run_cli
 from train import mesh as mesh_lib
 from train.config import compose
 from train.loop import make_train_step, run, setup
 from train.writers import read_metrics
 
-GPT = quick("model=gpt", "data=bytes", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
+GPT = ["model=gpt", "data=bytes", "model.num_layers=2", "model.d_model=64", "model.num_heads=4",
             "data.seq_len=32", "data.eval_windows=32", "trainer.batch_size=16", "trainer.steps=20",
-            "trainer.log_every=1", "trainer.eval_every=20", "checkpoint.every=20", "optim.warmup_steps=5")
+            "trainer.log_every=1", "trainer.eval_every=20", "checkpoint.every=20", "optim.warmup_steps=5"]
 
 
 def test_gpt_on_mesh_2x2x2_follows_single_device_and_is_sharded(tmp_path):
@@ -55,8 +55,8 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, accum):
     """SGD (no momentum) makes the update the gradient itself, so this compares gradients directly."""
     params, losses = [], []
     for k in (1, accum):
-        exp = setup(compose(quick("model=mlp", "optim=sgd", "optim.momentum=0", "optim.weight_decay=0",
-                                  "optim.warmup_steps=0", "trainer.batch_size=32", f"trainer.grad_accum={k}")),
+        exp = setup(compose(["model=mlp", "optim=sgd", "optim.momentum=0", "optim.weight_decay=0",
+                                  "optim.warmup_steps=0", "trainer.batch_size=32", f"trainer.grad_accum={k}"]),
                     tmp_path / str(k))
         state = jax.jit(exp.init, out_shardings=exp.shardings)()
         before = [np.asarray(x) for x in jax.tree.leaves(state["params"])]

@@ -1,6 +1,5 @@
 """Text data: byte corpus windows and splits, numbers split by number, tokenizers, TFDS errors, short runs."""
 
-import json
 from pathlib import Path
 
 import numpy as np

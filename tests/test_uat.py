@@ -10,7 +10,7 @@ import models  # noqa: F401  (sets nnx's sharding mode before any model is built
 from data.functions import TargetFunction
 from models.mlp import MLP
 from scripts.uat import mlp_params, run_uat, width_for_budget
-from tests.conftest import quick, run_cli
+from tests.conftest import run_cli
 from train.config import compose
 
 
@@ -36,7 +36,7 @@ def test_depth_sweep_widths_match_the_parameter_budget(in_features, depth, budge
 
 
 def test_one_hidden_layer_error_falls_as_width_grows(tmp_path):
-    cfg = compose(quick("targets=[sin3x]", "widths=[2,8,32]", "depths=[]"), config_name="uat")
+    cfg = compose(["targets=[sin3x]", "widths=[2,8,32]", "depths=[]"], config_name="uat")
     run_uat(cfg, tmp_path)
     records = json.loads((tmp_path / "uat.json").read_text())
     assert [(r["target"], r["depth"], r["width"]) for r in records] == [("sin3x", 1, 2), ("sin3x", 1, 8),
@@ -49,8 +49,8 @@ def test_one_hidden_layer_error_falls_as_width_grows(tmp_path):
 
 
 def test_cli_writes_records_and_figure(tmp_path):
-    run_cli(quick("targets=[sin_cos]", "widths=[4]", "depths=[1,2]", "param_budgets=[100]", "trainer.steps=50",
-                  f"hydra.run.dir={tmp_path}"), module="scripts/uat.py")
+    run_cli(["targets=[sin_cos]", "widths=[4]", "depths=[1,2]", "param_budgets=[100]", "trainer.steps=50",
+                  f"hydra.run.dir={tmp_path}"], module="scripts/uat.py")
     records = json.loads((tmp_path / "uat.json").read_text())
     assert [(r["sweep"], r["depth"]) for r in records] == [("width", 1), ("depth", 1), ("depth", 2)]
     for r in records:

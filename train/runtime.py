@@ -42,3 +42,4 @@ def apply(keep_freed: bool, ynn_conv_fusion_off: bool, compilation_cache: bool) 
 
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "jax"
         jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small models compile in < 1 s too
