@@ -55,7 +55,7 @@ def test_patch_embedding_is_a_linear_map_of_each_flattened_patch():
 
 
 def test_vit_tiny_trains_on_digits(cfg_for, tmp_path):
-    # 100 steps of 64 images: ~15 s of CPU time on 2 cores; 300 steps of 128 reach 97.8% (notes/README_vision.md).
+    # 100 steps of 64 images: ~15 s of CPU time on 2 cores; 300 steps of 128 reach 97.8% (README.md, Results).
     cfg = cfg_for("model=vit_tiny", "data=digits", "trainer.steps=100", "trainer.batch_size=64",
                   "trainer.eval_every=100", "checkpoint.every=100", "optim.warmup_steps=10")
     final = run(cfg, tmp_path)
