@@ -8,6 +8,7 @@ import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +161,7 @@ def check_writable(run_dir: Path) -> None:
     """One-line error when the output directory cannot be created or written."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_probe"
+        probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: hosts may share the directory
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as e:
