@@ -118,3 +118,15 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """(B, T, D) -> (B, T, d_ff) -> (B, T, D)."""
         return self.dropout(self.fc2(self.act(self.fc1(x))))
+
+
+def patch_embedding(model: str, image_size: int, patch_size: int, in_channels: int, d_model: int, *,
+                    dtype: str, rngs: nnx.Rngs) -> nnx.Conv:
+    """A P x P convolution with stride P (a linear map of each flattened patch); checks P divides the image."""
+    if image_size % patch_size:
+        valid = ", ".join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)
+        raise ValueError(f"{model}: image size {image_size} is not divisible by patch size {patch_size} "
+                         f"(valid: {valid})")
+    return nnx.Conv(in_channels, d_model, (patch_size, patch_size), strides=patch_size, padding="VALID",
+                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
+                    dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

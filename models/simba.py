@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward
+from models.layers import FeedForward, patch_embedding
 from models.mamba import MambaBlock
 
 
@@ -90,17 +90,10 @@ class Simba(nnx.Module):
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            valid = ", ".join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)
-            raise ValueError(f"Simba: image size {image_size} is not divisible by patch size {patch_size} "
-                             f"(valid: {valid})")
         if channel_mixer not in ("mlp", "einfft"):
             raise ValueError(f"Simba: unknown channel_mixer {channel_mixer!r} (valid: mlp, einfft)")
-        self.patch_embed = nnx.Conv(  # P x P convolution with stride P = a linear map of each flattened patch
-            in_channels, d_model, (patch_size, patch_size), strides=patch_size, padding="VALID",
-            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-        )
+        self.patch_embed = patch_embedding("Simba", image_size, patch_size, in_channels, d_model, dtype=dtype,
+                                           rngs=rngs)
         self.blocks = nnx.List([
             SimbaBlock(d_model, bidirectional=bidirectional, channel_mixer=channel_mixer, mlp_ratio=mlp_ratio,
                        num_blocks=num_blocks, scan=scan, dtype=dtype, rngs=rngs)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, MultiHeadAttention
+from models.layers import FeedForward, MultiHeadAttention, patch_embedding
 
 
 class EncoderBlock(nnx.Module):
@@ -43,16 +43,9 @@ class ViT(nnx.Module):
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
-        if image_size % patch_size:
-            valid = ", ".join(str(p) for p in range(1, image_size + 1) if image_size % p == 0)
-            raise ValueError(f"ViT: image size {image_size} is not divisible by patch size {patch_size} "
-                             f"(valid: {valid})")
         num_patches = (image_size // patch_size) ** 2
-        self.patch_embed = nnx.Conv(  # a P x P convolution with stride P = a linear map of each flattened patch
-            in_channels, d_model, (patch_size, patch_size), strides=patch_size, padding="VALID",
-            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-        )
+        self.patch_embed = patch_embedding("ViT", image_size, patch_size, in_channels, d_model, dtype=dtype,
+                                           rngs=rngs)
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d_model), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, d_model), jnp.float32))
