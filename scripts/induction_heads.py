@@ -5,6 +5,9 @@
 
 Both models train through the framework (train.loop.run) into outputs/induction_heads/{mamba,gpt}; after training,
 the dataset evaluates each at the lengths its experiment lists (GPT stops at 2^12: attention memory grows as L^2).
+A finished run is resumed, not retrained, so the two trainings can run in parallel first, one core each:
+    taskset -c 0 .venv/bin/python -m train +experiment=induction_heads_mamba hydra.run.dir=outputs/induction_heads/mamba
+    taskset -c 1 .venv/bin/python -m train +experiment=induction_heads_gpt hydra.run.dir=outputs/induction_heads/gpt
 Writes induction_heads.md / .json and the accuracy-vs-length plot induction_heads.png to outputs/induction_heads.
 """
 
@@ -18,8 +21,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from train import runtime  # noqa: E402
 from train.config import compose  # noqa: E402
-from train.loop import run  # noqa: E402
+from train.writers import train_minutes  # noqa: E402
 
 OUT = Path("outputs/induction_heads")
 TRAIN_LENGTH = 256
@@ -27,23 +31,27 @@ PAPER = "Mamba: 100% at every length 2^6 .. 2^20; MHA-Abs: 100% at 256, fails be
 
 
 def main(overrides: list[str]) -> None:
+    rc = compose(overrides).runtime
+    runtime.apply(rc.keep_freed_memory, rc.ynn_conv_fusion_off, rc.compilation_cache)  # as python -m train
+    from train.loop import run  # after the runtime settings: they must precede JAX's start-up
+
     results = {}
     for name in ("mamba", "gpt"):
         run_dir = OUT / name
         cfg = compose([f"+experiment=induction_heads_{name}", f"hydra.run.dir={run_dir}", *overrides])
-        start = time.perf_counter()
         final = run(cfg, run_dir)
         accuracy = {int(k.rsplit("_", 1)[1]): v for k, v in final.items() if k.startswith("eval/accuracy_at_")}
-        results[name] = {"accuracy": accuracy, "minutes": (time.perf_counter() - start) / 60,
+        results[name] = {"accuracy": accuracy, "train_minutes": train_minutes(run_dir / "metrics.jsonl"),
                          "steps": cfg.trainer.steps}
-        print(f"{name}: {accuracy} in {results[name]['minutes']:.1f} min", flush=True)
+        print(f"{name}: {accuracy}; trained in {results[name]['train_minutes']:.1f} min", flush=True)
 
     lengths = sorted({length for r in results.values() for length in r["accuracy"]})
     table = ["| model | " + " | ".join(f"{length}" for length in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     for name, r in results.items():
         cells = [f"{100 * r['accuracy'][n]:.0f}" if n in r["accuracy"] else "-" for n in lengths]
-        table.append(f"| {name} ({r['steps']} steps) | " + " | ".join(cells) + " |")
-    table.append(f"\nAccuracy (%) on the last token; trained at {TRAIN_LENGTH}. Paper (Table 2): {PAPER}.")
+        table.append(f"| {name} ({r['steps']} steps, {r['train_minutes']:.0f} min) | " + " | ".join(cells) + " |")
+    table.append(f"\nAccuracy (%) on the last token of {cfg.data.extrapolation_examples} sequences per length, chance "
+                 f"{100 / (cfg.data.vocab_size - 1):.1f}%; trained at {TRAIN_LENGTH}. Paper (Table 2): {PAPER}.")
     (OUT / "induction_heads.md").write_text("\n".join(table) + "\n")
     (OUT / "induction_heads.json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d"), "train_length": TRAIN_LENGTH, "paper": PAPER,
@@ -55,6 +63,7 @@ def main(overrides: list[str]) -> None:
         ns = sorted(r["accuracy"])
         ax.plot(ns, [100 * r["accuracy"][n] for n in ns], marker="o", label=name)
     ax.axvline(TRAIN_LENGTH, color="gray", linestyle=":", label="training length")
+    ax.axhline(100 / (cfg.data.vocab_size - 1), color="gray", linestyle="--", linewidth=1, label="chance")
     ax.set(xscale="log", xlabel="test sequence length", ylabel="accuracy (%)", ylim=(0, 105),
            title="Induction Heads extrapolation")
     ax.set_xscale("log", base=2)

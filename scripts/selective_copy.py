@@ -3,8 +3,11 @@
     .venv/bin/python scripts/selective_copy.py                      # the quick pair, +experiment=selective_copy_s6/s4
     .venv/bin/python scripts/selective_copy.py trainer.steps=500    # extra overrides go to both runs
 
-Each run goes through the framework (train.loop.run on the composed config) into outputs/selective_copy/{s6,s4};
-the table (selective_copy.md, .json) and the accuracy curves (selective_copy.png) land in outputs/selective_copy.
+Each run goes through the framework (train.loop.run on the composed config) into outputs/selective_copy/{s6,s4}.
+A finished run is resumed, not retrained, so the two trainings can run in parallel first, one core each:
+    taskset -c 0 .venv/bin/python -m train +experiment=selective_copy_s6 hydra.run.dir=outputs/selective_copy/s6
+    taskset -c 1 .venv/bin/python -m train +experiment=selective_copy_s4 hydra.run.dir=outputs/selective_copy/s4
+The table (selective_copy.md, .json) and the accuracy curves (selective_copy.png) land in outputs/selective_copy.
 """
 
 import json
@@ -19,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from train import runtime  # noqa: E402
 from train.config import compose  # noqa: E402
-from train.writers import read_metrics  # noqa: E402
+from train.writers import read_metrics, train_minutes  # noqa: E402
 
 PAPER = {"s6": 99.8, "s4": 56.4}  # Table 1, Mamba architecture, token accuracy (%)
 OUT = Path("outputs/selective_copy")
@@ -34,15 +37,14 @@ def main(overrides: list[str]) -> None:
     for layer in PAPER:
         run_dir = OUT / layer
         cfg = compose([f"+experiment=selective_copy_{layer}", f"hydra.run.dir={run_dir}", *overrides])
-        start = time.perf_counter()
         final = run(cfg, run_dir)
-        minutes = (time.perf_counter() - start) / 60
+        minutes = train_minutes(run_dir / "metrics.jsonl")
         curves[layer] = [(r["step"], r["eval/accuracy"]) for r in read_metrics(run_dir / "metrics.jsonl")
                          if "eval/accuracy" in r]
         rows.append({"layer": layer.upper(), "selective": cfg.model.selective, "length": cfg.data.length,
                      "num_tokens": cfg.data.num_tokens, "steps": cfg.trainer.steps,
                      "accuracy": 100 * final["eval/accuracy"], "paper_accuracy": PAPER[layer], "minutes": minutes})
-        print(f"Mamba + {layer.upper()}: {100 * final['eval/accuracy']:.1f}% in {minutes:.1f} min", flush=True)
+        print(f"Mamba + {layer.upper()}: {100 * final['eval/accuracy']:.1f}% trained in {minutes:.1f} min", flush=True)
 
     table = ["| model | L | M | steps | accuracy (%) | paper (L 4096, M 16) | minutes |", "|---" * 7 + "|"]
     table += [f"| Mamba + {r['layer']} | {r['length']} | {r['num_tokens']} | {r['steps']} | {r['accuracy']:.1f} | "

@@ -1,18 +1,22 @@
 """Real training on the offline digits reaches the stated accuracy; outputs land in the run directory."""
 
 import json
+import time
 
 import pytest
 
 from train.loop import run
-from train.writers import read_metrics
+from train.writers import read_metrics, train_minutes
 
 
 @pytest.mark.parametrize("model, steps, bar", [("mlp", 300, 0.90), ("lenet", 300, 0.95)])
 def test_training_on_digits_reaches_accuracy(cfg_for, tmp_path, model, steps, bar):
     cfg = cfg_for(f"model={model}", f"trainer.steps={steps}", "trainer.eval_every=150", "checkpoint.every=150")
+    start = time.perf_counter()
     final = run(cfg, tmp_path)
+    elapsed = time.perf_counter() - start
     assert final["eval/accuracy"] >= bar
+    assert 0 < 60 * train_minutes(tmp_path / "metrics.jsonl") < elapsed  # training windows only, not set-up
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records if "eval/accuracy" in r] == [150, 300]
     assert all("train/loss" in r and "train/steps_per_sec" in r for r in records if "train/accuracy" in r)

@@ -353,7 +353,6 @@ def restore_latest(checkpoints: Checkpoints, exp: Experiment) -> tuple[Any, int]
     """The newest checkpoint that restores, setting aside unreadable ones; (None, 0) when there is none."""
     for step in reversed(checkpoints.steps()):
         try:
-            checkpoints.read_meta(step)
             state, _ = checkpoints.restore(step, exp.abstract_state)
         except Exception as e:  # noqa: BLE001
             unusable(checkpoints, step, e)
