@@ -133,8 +133,9 @@ def test_doubling_channels_quadruples_parameters_and_flops():
 
 
 def test_resnet20_trains_on_digits(cfg_for, tmp_path):
-    # 60 steps of 32 images (a few seconds of compute); 300 steps of 128 reach 99.4% (README, Results).
-    cfg = cfg_for("model=resnet20", "data=digits", "trainer.steps=60", "trainer.batch_size=32",
-                  "trainer.eval_every=60", "checkpoint.every=60", "optim.warmup_steps=10")
+    # 100 steps of 32 images (~20 s) reach ~98%; at 60 steps the result (84-90%) depends on the CPU thread
+    # count, through reduction order and BatchNorm statistics. 300 steps of 128 reach 99.4% (README, Results).
+    cfg = cfg_for("model=resnet20", "data=digits", "trainer.steps=100", "trainer.batch_size=32",
+                  "trainer.eval_every=100", "checkpoint.every=100", "optim.warmup_steps=10")
     final = run(cfg, tmp_path)
     assert final["eval/accuracy"] >= 0.90
