@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from train import runtime  # noqa: E402
 from train.config import compose  # noqa: E402
-from train.writers import train_minutes  # noqa: E402
+from train.writers import read_metrics, train_minutes  # noqa: E402
 
 OUT = Path("outputs/induction_heads")
 TRAIN_LENGTH = 256
@@ -31,8 +31,7 @@ PAPER = "Mamba: 100% at every length 2^6 .. 2^20; MHA-Abs: 100% at 256, fails be
 
 
 def main(overrides: list[str]) -> None:
-    rc = compose(overrides).runtime
-    runtime.apply(rc.keep_freed_memory, rc.ynn_conv_fusion_off, rc.compilation_cache)  # as python -m train
+    runtime.apply(**compose(overrides).runtime)  # as python -m train
     from train.loop import run  # after the runtime settings: they must precede JAX's start-up
 
     results = {}
@@ -41,9 +40,9 @@ def main(overrides: list[str]) -> None:
         cfg = compose([f"+experiment=induction_heads_{name}", f"hydra.run.dir={run_dir}", *overrides])
         final = run(cfg, run_dir)
         accuracy = {int(k.rsplit("_", 1)[1]): v for k, v in final.items() if k.startswith("eval/accuracy_at_")}
-        results[name] = {"accuracy": accuracy, "train_minutes": train_minutes(run_dir / "metrics.jsonl"),
-                         "steps": cfg.trainer.steps}
-        print(f"{name}: {accuracy}; trained in {results[name]['train_minutes']:.1f} min", flush=True)
+        minutes = train_minutes(read_metrics(run_dir / "metrics.jsonl"))
+        results[name] = {"accuracy": accuracy, "train_minutes": minutes, "steps": cfg.trainer.steps}
+        print(f"{name}: {accuracy}; trained in {minutes:.1f} min", flush=True)
 
     lengths = sorted({length for r in results.values() for length in r["accuracy"]})
     table = ["| model | " + " | ".join(f"{length}" for length in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]

@@ -29,8 +29,7 @@ OUT = Path("outputs/selective_copy")
 
 
 def main(overrides: list[str]) -> None:
-    rc = compose(overrides).runtime
-    runtime.apply(rc.keep_freed_memory, rc.ynn_conv_fusion_off, rc.compilation_cache)  # as python -m train
+    runtime.apply(**compose(overrides).runtime)  # as python -m train
     from train.loop import run  # after the runtime settings: they must precede JAX's start-up (2x faster here)
 
     rows, curves = [], {}
@@ -38,9 +37,9 @@ def main(overrides: list[str]) -> None:
         run_dir = OUT / layer
         cfg = compose([f"+experiment=selective_copy_{layer}", f"hydra.run.dir={run_dir}", *overrides])
         final = run(cfg, run_dir)
-        minutes = train_minutes(run_dir / "metrics.jsonl")
-        curves[layer] = [(r["step"], r["eval/accuracy"]) for r in read_metrics(run_dir / "metrics.jsonl")
-                         if "eval/accuracy" in r]
+        records = read_metrics(run_dir / "metrics.jsonl")
+        minutes = train_minutes(records)
+        curves[layer] = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
         rows.append({"layer": layer.upper(), "selective": cfg.model.selective, "length": cfg.data.length,
                      "num_tokens": cfg.data.num_tokens, "steps": cfg.trainer.steps,
                      "accuracy": 100 * final["eval/accuracy"], "paper_accuracy": PAPER[layer], "minutes": minutes})

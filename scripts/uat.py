@@ -153,7 +153,7 @@ def run_uat(cfg: DictConfig, out_dir: Path) -> list[dict]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="uat")
 def main(cfg: DictConfig) -> None:
     """Run the sweeps of conf/uat.yaml; print the table and where the outputs are."""
-    runtime.apply(cfg.runtime.keep_freed_memory, cfg.runtime.ynn_conv_fusion_off, cfg.runtime.compilation_cache)
+    runtime.apply(**cfg.runtime)
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     start = time.perf_counter()
     records = run_uat(cfg, out_dir)

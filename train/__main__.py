@@ -17,7 +17,7 @@ from train import config, runtime
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
-    runtime.apply(cfg.runtime.keep_freed_memory, cfg.runtime.ynn_conv_fusion_off, cfg.runtime.compilation_cache)
+    runtime.apply(**cfg.runtime)
     from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
     from train.preemption import NonFinite
 

@@ -11,7 +11,7 @@ from pathlib import Path
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
 
-def keep_freed_memory() -> None:
+def retain_freed_memory() -> None:
     """Keep freed memory in the process: XLA's per-step scratch buffers stop costing mmap + page zeroing."""
     if not sys.platform.startswith("linux") or not ctypes.util.find_library("c"):
         return
@@ -29,10 +29,10 @@ def accelerator_installed() -> bool:
                                                       "jax_rocm60_plugin"))
 
 
-def apply(keep_freed: bool, ynn_conv_fusion_off: bool, compilation_cache: bool) -> None:
-    """Apply the switched-on settings; call before the first JAX computation."""
-    if keep_freed:
-        keep_freed_memory()
+def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool) -> None:
+    """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation."""
+    if keep_freed_memory:
+        retain_freed_memory()
     if ynn_conv_fusion_off and not accelerator_installed():
         flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
         if flag not in os.environ.get("XLA_FLAGS", ""):

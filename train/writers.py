@@ -42,9 +42,9 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def train_minutes(path: Path) -> float:
-    """Training time from a metrics.jsonl's logged step rates: holds for a run resumed, or trained elsewhere."""
-    train = [r for r in read_metrics(path) if "train/steps_per_sec" in r]
+def train_minutes(records: list[dict]) -> float:
+    """Training time from a run's logged step rates (read_metrics): holds for a run resumed, or trained elsewhere."""
+    train = [r for r in records if "train/steps_per_sec" in r]
     steps = [r["step"] for r in train]
     return sum((b - a) / r["train/steps_per_sec"] for a, b, r in zip([0, *steps], steps, train)) / 60
 
