@@ -60,7 +60,9 @@ def test_unwritable_output_directory(tmp_path):
 
 @pytest.mark.parametrize("override, expected", [("trainer.steps=0", "trainer.steps=0"),
                                                 ("trainer.nan_policy=ignore", "valid: stop, skip"),
-                                                ("model.activation=swishy", "swishy")])
+                                                ("model.activation=swishy", "swishy"),
+                                                ("trainer.profile=[5,3]", "trainer.profile=[5, 3] is not a step range"),
+                                                ("trainer.profile=7", "valid: [START,STOP]")])
 def test_bad_values(tmp_path, override, expected):
     assert expected in one_line_error(["model=mlp", override, f"hydra.run.dir={tmp_path}"])
 

@@ -24,3 +24,12 @@ def test_training_on_digits_reaches_accuracy(cfg_for, tmp_path, model, steps, ba
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["150", "300"]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_profile_writes_a_trace_of_the_chosen_steps(cfg_for, tmp_path):
+    run(cfg_for("model=mlp", "trainer.steps=6", "trainer.log_every=2", "trainer.profile=[2,4]"), tmp_path)
+    traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[0]["step"] == 0 and records[0]["train/first_step_seconds"] > 0
+    assert all(0 <= r["train/input_wait"] < 1 for r in records if "train/steps_per_sec" in r)

@@ -5,6 +5,7 @@
 """
 
 import dataclasses
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
@@ -28,10 +29,12 @@ from train import mesh as mesh_lib
 from train.checkpoint import Checkpoints
 from train.config import check_missing
 from train.preemption import NonFinite, Preempted, Preemption
+from train.profiling import Profile, check_profile
 from train.tasks import TASKS, metric_sums, summarize
 from train.writers import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
+PREFETCH = 2  # batches loaded ahead of the step that uses them
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" on every CPU run
 
@@ -84,6 +87,8 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
         if tc[key] <= 0:
             raise ValueError(f"trainer.{key}={tc[key]} must be a positive integer")
+    if tc.profile is not None:
+        check_profile(tc.profile, tc.steps)
     if tc.nan_policy not in ("stop", "skip"):
         raise ValueError(f"trainer.nan_policy={tc.nan_policy!r} is not known (valid: stop, skip)")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
@@ -231,11 +236,13 @@ def make_eval_step(exp: Experiment) -> Callable:
     return jax.jit(eval_fn)
 
 
-def combine(window: dict | None, sums: dict) -> dict:
-    """Add step metrics over a logging window (the first non-finite step is a minimum, not a sum)."""
-    if window is None:
-        return sums
-    return {k: (jnp.minimum if k == "first_nonfinite" else jnp.add)(window[k], sums[k]) for k in sums}
+def window_sums(steps: list[dict]) -> dict:
+    """Sum step metrics fetched for a logging window (the first non-finite step is a minimum, not a sum).
+
+    The step's metric arrays stay on the device until the window is logged and are added here on the host:
+    adding them as they come would cost a few dispatches every step.
+    """
+    return {k: (min if k == "first_nonfinite" else sum)(s[k] for s in steps) for k in steps[0]}
 
 
 def evaluate(exp: Experiment, eval_step: Callable, state) -> dict[str, float]:
@@ -255,8 +262,12 @@ def eval_model(exp: Experiment, state) -> nnx.Module:
 # ---- Train loop ---------------------------------------------------------------------------------------
 
 
-def train(exp: Experiment) -> dict[str, float]:
-    """Run (or resume) the experiment to trainer.steps; returns the final evaluation metrics."""
+def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Run (or resume) the experiment to trainer.steps; returns the final evaluation metrics.
+
+    `on_log(step, metrics)` is called with every logged window, outside the window's timing (scripts/bench.py
+    takes turns with the programs it compares there).
+    """
     cfg, tc = exp.cfg, exp.cfg.trainer
     is_main = jax.process_index() == 0
     writer = MetricWriter(exp.run_dir, enabled=is_main)
@@ -272,30 +283,46 @@ def train(exp: Experiment) -> dict[str, float]:
     else:
         log.info("resumed from step %d in %s", start, checkpoints.directory)
     writer.drop_after(start if start else -1)
-    train_step, eval_step = make_train_step(exp), make_eval_step(exp)
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log.info("model %s: %s parameters; data %s; mesh %s; %d steps of batch %d", cfg.model._target_,
              f"{num_params:,}", cfg.data._target_, dict(exp.mesh.shape), tc.steps, tc.batch_size)
 
+    def load(step: int) -> dict[str, jax.Array]:
+        return mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
+
+    train_step, eval_step = make_train_step(exp), make_eval_step(exp)
+    profile = Profile(tc.profile, exp.run_dir / "profile") if tc.profile and is_main else None
+
     # ---- Train ----
-    window, window_start, t0 = None, start, time.perf_counter()
+    window: list[dict] = []
+    window_start = timed_from = start  # the window's first step; its first step after compilation
+    input_wait, t0 = 0.0, time.perf_counter()
     eval_metrics: dict[str, float] = {}
     last_saved = start
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main, dynamic_ncols=True,
                mininterval=0.5 if sys.stderr.isatty() else 30.0)
-    def load(step: int) -> dict[str, jax.Array]:
-        return mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
-
     try:
         with Preemption() as preemption, ThreadPoolExecutor(1) as prefetch:
-            next_batch = prefetch.submit(load, start)
+            # Batches load PREFETCH steps ahead in a thread: with asynchronous dispatch the loop runs ahead of
+            # the device, so one batch ahead would leave the loader racing the very step it is needed for.
+            pending = deque(prefetch.submit(load, s) for s in range(start, min(start + PREFETCH, tc.steps)))
             for step in bar:
-                batch = next_batch.result()
-                if step + 1 < tc.steps:  # the next batch loads while this step runs
-                    next_batch = prefetch.submit(load, step + 1)
+                if profile:
+                    profile.before(step, state)
+                t_wait = time.perf_counter()
+                batch = pending.popleft().result()
+                input_wait += time.perf_counter() - t_wait
+                if step + PREFETCH < tc.steps:
+                    pending.append(prefetch.submit(load, step + PREFETCH))
                 state, sums = train_step(state, batch)
-                window = combine(window, sums)
+                window.append(sums)
                 done = step + 1
+                if step == start:  # the first step compiles: timed alone, and the window's rate starts after it
+                    jax.block_until_ready(sums)
+                    first_step_seconds = time.perf_counter() - t0
+                    writer.write(start, {"train/first_step_seconds": first_step_seconds})
+                    log.info("first step (compile included): %.1f s", first_step_seconds)
+                    timed_from, input_wait, t0 = done, 0.0, time.perf_counter()
                 if preemption.reached(done):
                     save(done, state)
                     log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
@@ -303,23 +330,28 @@ def train(exp: Experiment) -> dict[str, float]:
                     raise Preempted(preemption.exit_code)
                 checkpoint_now = done % cfg.checkpoint.every == 0 or done == tc.steps
                 if done % tc.log_every == 0 or checkpoint_now:  # the window is checked before every save
-                    window = jax.device_get(window)
-                    if window["nonfinite"] > 0 and tc.nan_policy == "stop":
+                    sums = window_sums(jax.device_get(window))
+                    if sums["nonfinite"] > 0 and tc.nan_policy == "stop":
                         raise NonFinite(
-                            f"non-finite loss or gradient norm at step {int(window['first_nonfinite'])}; "
+                            f"non-finite loss or gradient norm at step {int(sums['first_nonfinite'])}; "
                             f"stopped (last good checkpoint: {f'step {last_saved}' if last_saved else 'none yet'} in "
                             f"{checkpoints.directory}); "
                             f"lower optim.lr, set optim.clip_norm, or skip such steps with "
                             f"trainer.nan_policy=skip")
-                    rate = (done - window_start) / (time.perf_counter() - t0)
-                    metrics = {f"train/{k}": v for k, v in summarize(window, exp.task).items()}
-                    metrics |= {"train/grad_norm": float(window["grad_norm"]) / (done - window_start),
-                                "train/skipped_steps": float(window["nonfinite"]),
-                                "train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size}
+                    seconds = time.perf_counter() - t0
+                    metrics = {f"train/{k}": v for k, v in summarize(sums, exp.task).items()}
+                    metrics |= {"train/grad_norm": float(sums["grad_norm"]) / (done - window_start),
+                                "train/skipped_steps": float(sums["nonfinite"])}
+                    if done > timed_from:  # not a window of the first step alone
+                        rate = (done - timed_from) / seconds
+                        metrics |= {"train/steps_per_sec": rate, "train/examples_per_sec": rate * tc.batch_size,
+                                    "train/input_wait": input_wait / seconds}
+                        bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{rate:.1f}",
+                                        ex_s=f"{rate * tc.batch_size:.0f}")
                     writer.write(done, metrics)
-                    bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{rate:.1f}",
-                                    ex_s=f"{rate * tc.batch_size:.0f}")
-                    window, window_start, t0 = None, done, time.perf_counter()
+                    if on_log is not None:
+                        on_log(done, metrics)
+                    window, window_start, timed_from, input_wait, t0 = [], done, done, 0.0, time.perf_counter()
                 if done % tc.eval_every == 0 or done == tc.steps:
                     eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
                     writer.write(done, eval_metrics)
@@ -330,6 +362,8 @@ def train(exp: Experiment) -> dict[str, float]:
                     last_saved = done
     finally:
         bar.close()
+        if profile:
+            profile.close(state)
         checkpoints.close()  # waits for an async save in flight: a started checkpoint is always finished
 
     # ---- Finish ----
