@@ -1,0 +1,37 @@
+"""scripts/bench.py runs the suite's programs side by side and reports sane figures (never checked for speed)."""
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytest.importorskip("torch")
+
+
+def test_bench_runs_and_its_figures_are_sane(tmp_path):
+    out = tmp_path / "bench.json"
+    run_cli(["mlp", "--rounds", "2", "--window-seconds", "0.2", "--out", str(out)], module="scripts/bench.py",
+            timeout=600)
+    report = json.loads(out.read_text())
+    mlp = report["results"]["mlp"]
+    assert mlp["params"] == 269_322  # the twin's count, equal to archlab's (tests/test_torch_twins.py)
+    assert set(mlp["programs"]) == {"archlab", "eager", "compile"}
+    for program in mlp["programs"].values():
+        rates = program["steps_per_sec"]
+        assert 0 < rates["min"] <= rates["median"] <= rates["max"]
+        assert 0 < program["fraction_of_peak"] <= 1
+        assert program["compile_s"] > 0 and program["peak_rss_mb"] > 100
+        assert 0 <= program["input_wait"] < 1
+    assert mlp["archlab_over_eager"]["median"] > 0
+    assert mlp["items_per_step"] == 128 and mlp["gflop_per_step"] > 0
+    assert "| mlp | 269,322 |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_names_an_unknown_entry():
+    proc = run_cli(["gpt3"], module="scripts/bench.py", check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [
+        "error: bench entry 'gpt3' is not in the suite (valid: mlp, lenet, resnet20, vit_tiny, gpt_small, gpt_char, "
+        "mamba, simba, transformer)"]
