@@ -218,15 +218,19 @@ class Worker:
 
     def __init__(self, program: str, overrides: list[str], env: dict, extra: list[str] = ()):
         cmd = [sys.executable, __file__, "--worker", program, *extra, "--set", *overrides]
+        self.log = tempfile.TemporaryFile("w+")  # the worker's stderr, shown if it fails
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, stderr=subprocess.DEVNULL if program != "archlab" else None)
+                                     stderr=self.log, text=True)
         self.program = program
 
     def read(self) -> dict:
         while line := self.proc.stdout.readline():
             if line.startswith("{"):
                 return json.loads(line)
-        raise RuntimeError(f"bench: the {self.program} worker ended without an answer (exit {self.proc.wait()})")
+        self.log.seek(0)
+        tail = self.log.read().strip().splitlines()[-1:] or ["(no output)"]
+        raise RuntimeError(f"bench: the {self.program} worker ended without an answer (exit {self.proc.wait()}): "
+                           f"{tail[0]}")
 
     def ask(self, command: str) -> dict:
         self.proc.stdin.write(command + "\n")
@@ -257,7 +261,8 @@ def bench_entry(name: str, overrides: list[str], args, env: dict) -> dict:
             workers["compile"] = Worker("compile", overrides, env)
             try:
                 ready["compile"] = workers["compile"].read()
-            except RuntimeError:
+            except RuntimeError as e:  # torch.compile does not serve every model everywhere: report it, go on
+                print(e, file=sys.stderr)
                 programs.remove("compile")
                 workers.pop("compile").close()
         rounds = {p: [] for p in programs}
