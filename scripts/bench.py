@@ -184,14 +184,16 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
 
 
 def torch_optimizer(model, optim: dict, total_steps: int):
-    """The archlab optimizer's twin: AdamW or SGD on the same warmup + cosine schedule, the same decay mask."""
-    import math
-
+    """The archlab optimizer's twin: AdamW or SGD with train/optim.py's decay mask and learning-rate schedule."""
+    import numpy as np
     import torch
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n.split(".")[-1] not in ("A_log", "D")]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n.split(".")[-1] not in ("A_log", "D"))]
-    groups = [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": rest, "weight_decay": 0.0}]
+    from train.optim import NO_DECAY_NAMES, warmup_cosine
+
+    decays = lambda name, p: p.ndim >= 2 and name.split(".")[-1] not in NO_DECAY_NAMES
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if decays(n, p)], "weight_decay": optim["weight_decay"]},
+              {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0}]
     name = optim["_target_"].rsplit(".", 1)[-1]
     if name == "adamw":
         opt = torch.optim.AdamW(groups, lr=optim["lr"], betas=(optim["b1"], optim["b2"]))
@@ -199,15 +201,10 @@ def torch_optimizer(model, optim: dict, total_steps: int):
         opt = torch.optim.SGD(groups, lr=optim["lr"], momentum=optim["momentum"], nesterov=optim["nesterov"])
     else:
         raise ValueError(f"bench: optimizer {optim['_target_']!r} has no PyTorch twin (valid: adamw, sgd)")
-    warmup, end = min(optim["warmup_steps"], max(total_steps - 1, 0)), optim["end_lr"] / optim["lr"]
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return step / warmup
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    # archlab's own schedule, evaluated once for every step; LambdaLR scales the base learning rate by it.
+    schedule = warmup_cosine(optim["lr"], optim["end_lr"], optim["warmup_steps"], total_steps)
+    factors = np.asarray(schedule(np.arange(total_steps + 1))) / optim["lr"]
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: float(factors[min(step, total_steps)]))
 
 
 # ---- Orchestrator ---------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from train.tasks import TASKS, metric_sums, summarize
 from train.writers import MetricWriter, plot_curves
 
 log = logging.getLogger(__name__)
-PREFETCH = 2  # batches loaded ahead of the step that uses them
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU found" on every CPU run
+PREFETCH = 2  # batches loaded ahead of the step that uses them
 
 
 @dataclasses.dataclass
