@@ -64,6 +64,25 @@ class SentencePieceTokenizer:
         return self.processor.decode([int(i) for i in ids if int(i) > EOS])
 
 
+class HFTokenizer:
+    """A Hugging Face `tokenizers` tokenizer read from its tokenizer.json (e.g. GPT-2's byte-level BPE)."""
+
+    def __init__(self, file: str | Path):
+        from tokenizers import Tokenizer
+
+        file = Path(file).expanduser()
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer {file} not found (valid: a tokenizer.json file, or null for bytes)")
+        self.tokenizer = Tokenizer.from_file(str(file))
+        self.vocab_size = self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.array(self.tokenizer.encode(text).ids, np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids])
+
+
 def until_eos(ids: Iterable[int]) -> list[int]:
     """The ids before the first EOS or padding, without BOS."""
     out = []
@@ -134,6 +153,49 @@ class ByteCorpus:
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+class TextCorpus(ByteCorpus):
+    """Next-token prediction on one text encoded by a tokenizer.json, or by bytes when `tokenizer` is null.
+
+    The vocabulary of an imported language model (scripts/convert.py copies its tokenizer.json into the run
+    directory). The text is tokenized on first use, so sampling, which needs only the tokenizer, never waits for it.
+    """
+
+    def __init__(self, tokenizer: str | None = None, path: str | None = None, seq_len: int = 256,
+                 val_fraction: float = 0.01, eval_windows: int = 256, seed: int = 0, **metadata):
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"text: val_fraction {val_fraction} is not in (0, 1)")
+        self.tokenizer = ByteTokenizer() if tokenizer is None else HFTokenizer(tokenizer)
+        self.path, self.val_fraction = path, val_fraction
+        self.seq_len, self.eval_windows, self.seed = seq_len, eval_windows, seed
+
+    @functools.cached_property
+    def _splits(self) -> tuple[np.ndarray, np.ndarray]:
+        text = stdlib_sources() if self.path is None else Path(self.path).expanduser().read_bytes()
+        lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+        if isinstance(self.tokenizer, HFTokenizer):
+            ids = [np.array(e.ids, np.int32) for e in self.tokenizer.tokenizer.encode_batch(lines)]
+        else:
+            ids = [self.tokenizer.encode(line) for line in lines]
+        tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        num_val = int(len(tokens) * self.val_fraction)
+        if min(num_val, len(tokens) - num_val) < self.seq_len + 1:
+            raise ValueError(f"text: {len(tokens)} tokens with val_fraction {self.val_fraction} leave a split shorter "
+                             f"than seq_len + 1 = {self.seq_len + 1} (use a longer text or a shorter seq_len)")
+        return tokens[:-num_val], tokens[-num_val:]
+
+    @property
+    def train(self) -> np.ndarray:
+        return self._splits[0]
+
+    @property
+    def val(self) -> np.ndarray:
+        return self._splits[1]
+
+    def unigram_loss(self) -> float:
+        counts = np.bincount(self.train, minlength=self.tokenizer.vocab_size) + 1.0
+        return float(-np.mean(np.log(counts / counts.sum())[self.val]))
 
 
 # ---- Numbers, English -> French -----------------------------------------------------------------------

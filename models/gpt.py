@@ -1,7 +1,8 @@
 """GPT: a decoder-only Transformer language model (Radford et al. 2018/2019), with KV-cache sampling.
 
-Pre-norm blocks x + attn(ln(x)), x + mlp(ln(x)), learned positions, a GELU MLP of 4x width and (optionally)
-the output projection tied to the token embedding, as GPT-2.
+Pre-norm blocks x + attn(ln(x)), x + mlp(ln(x)), learned positions, a GELU MLP of 4x width (tanh
+approximation, GPT-2's gelu_new), LayerNorm epsilon 1e-5 and (optionally) the output projection tied to the token
+embedding, as GPT-2.
 """
 
 from functools import partial
@@ -22,11 +23,11 @@ REMAT_POLICIES = {"full": None,  # keep only the block's input, recompute everyt
 class Block(nnx.Module):
     """One pre-norm decoder block: causal self-attention and a feed-forward layer, each with a residual."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dropout: float = 0.0, dtype: str = "float32",
-                 rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dropout: float = 0.0, norm_eps: float = 1e-5,
+                 dtype: str = "float32", rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.mlp = FeedForward(d_model, d_ff, activation="gelu", dropout=dropout, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -44,7 +45,7 @@ class GPT(nnx.Module):
 
     def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, d_model: int, num_heads: int,
                  d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True,
-                 remat: str = "none", dtype: str = "float32", rngs: nnx.Rngs):
+                 norm_eps: float = 1e-5, remat: str = "none", dtype: str = "float32", rngs: nnx.Rngs):
         if remat != "none" and remat not in REMAT_POLICIES:
             raise ValueError(f"GPT: remat {remat!r} is not known (valid: none, {', '.join(REMAT_POLICIES)})")
         self.max_len, self.remat = max_len, remat
@@ -53,9 +54,9 @@ class GPT(nnx.Module):
         self.pos_embed = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs,
                                    embedding_init=nnx.with_partitioning(_embed_init, (None, "embed")))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, num_heads, d_ff or 4 * d_model, dropout=dropout, dtype=dtype,
-                                      rngs=rngs) for _ in range(num_layers)])
-        self.ln_f = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([Block(d_model, num_heads, d_ff or 4 * d_model, dropout=dropout, norm_eps=norm_eps,
+                                      dtype=dtype, rngs=rngs) for _ in range(num_layers)])
+        self.ln_f = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.unembed = None if tie_embeddings else nnx.Linear(
             d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")))

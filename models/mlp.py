@@ -1,13 +1,15 @@
 """MLP: a stack of linear layers; every layer but the output one is a hidden layer."""
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid,
-               "silu": jax.nn.silu}
+# "gelu" is the tanh approximation (GPT-2's gelu_new); "gelu_exact" the erf form (BERT, HF and timm ViT).
+ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "gelu_exact": partial(jax.nn.gelu, approximate=False),
+               "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu}
 
 
 def activation_fn(name: str):

@@ -412,7 +412,7 @@ class GPTBlock(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model, eps=1e-6), nn.LayerNorm(d_model, eps=1e-6)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model, eps=1e-5), nn.LayerNorm(d_model, eps=1e-5)
         self.attn = MultiHeadAttention(d_model, num_heads, dropout)
         self.mlp = FeedForward(d_model, d_ff, dropout=dropout)
 
@@ -431,7 +431,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.Sequential(*(GPTBlock(d_model, num_heads, d_ff or 4 * d_model, dropout)
                                       for _ in range(num_layers)))
-        self.ln_f = nn.LayerNorm(d_model, eps=1e-6)
+        self.ln_f = nn.LayerNorm(d_model, eps=1e-5)
         self.unembed = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.unembed.weight = self.token_embed.weight

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from train import mesh as mesh_lib
+from train import pretrained
 from train.checkpoint import Checkpoints
 from train.config import check_missing
 from train.preemption import NonFinite, Preempted, Preemption
@@ -110,6 +111,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
 
     # ---- Data ----
     dataset = build(cfg.data)
+    dataset.train_batch(0, tc.batch_size, (jax.process_index(), jax.process_count()))  # data errors before compile
     task = dataset.task
     if task not in TASKS:
         raise ValueError(f"data task {task!r} is not known (valid: {', '.join(TASKS)})")
@@ -143,6 +145,10 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     check_checkpoint_model(checkpoints, model_cfg)
+    if tc.init_from is not None:
+        source = OmegaConf.to_container(pretrained.run_config(tc.init_from).model, resolve=True)
+        pretrained.check_same_model(source, model_cfg, tc.init_from)
+        pretrained.newest_step(tc.init_from)
     return Experiment(cfg, run_dir, mesh, dataset, task, create_model, graphdef_train, graphdef_eval, tx,
                       abstract_state, shardings, shard, init, checkpoints, model_cfg)
 
@@ -151,9 +157,14 @@ def check_checkpoint_model(checkpoints: Checkpoints, model_cfg: dict) -> None:
     """One-line error when the run directory's newest checkpoint was written for another model config."""
     for step in reversed(checkpoints.steps()):
         try:
-            saved = checkpoints.read_meta(step)["model"]
+            meta = checkpoints.read_meta(step)
         except Exception:  # noqa: BLE001  (unreadable: restore_latest sets it aside and says so)
             continue
+        if "imported_from" in meta:
+            raise ValueError(f"{checkpoints.directory.parent} holds imported weights, not a training run "
+                             f"(valid: fine-tune from it with trainer.init_from={checkpoints.directory.parent} "
+                             f"and another hydra.run.dir)")
+        saved = meta["model"]
         if saved != model_cfg:
             diffs = [f"model.{k}={json.dumps(saved.get(k))} (now {json.dumps(model_cfg.get(k))})"
                      for k in sorted(set(saved) | set(model_cfg)) if saved.get(k) != model_cfg.get(k)]
@@ -280,6 +291,8 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     state, start = restore_latest(checkpoints, exp)
     if state is None:
         state = jax.jit(exp.init, out_shardings=exp.shardings)()
+        if tc.init_from is not None:
+            state = pretrained.init_from(state, Path(tc.init_from), list(tc.init_exclude))
     else:
         log.info("resumed from step %d in %s", start, checkpoints.directory)
     writer.drop_after(start if start else -1)
