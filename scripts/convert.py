@@ -130,7 +130,8 @@ def run_config(model_cfg: dict, tokenizer: Path | None):
         overrides = ["data=imagenet2012", f"data.image_size={size}", f"data.channels={model_cfg['in_channels']}",
                      f"data.num_classes={model_cfg['num_classes']}"]
     else:
-        overrides = ["data=text", f"data.vocab_size={model_cfg['vocab_size']}"]
+        overrides = ["data=text", f"data.vocab_size={model_cfg['vocab_size']}",
+                     f"data.seq_len={min(256, model_cfg.get('max_len', 256))}"]
         if tokenizer is not None:
             overrides.append(f"data.tokenizer={tokenizer}")
     cfg = _config.compose(overrides)

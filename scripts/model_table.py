@@ -2,6 +2,7 @@
 
     python scripts/model_table.py model=resnet50 data=imagenet2012
     python scripts/model_table.py model=resnet20           # at the default data's size (digits, 28x28x1)
+    python scripts/model_table.py runs/gpt2                # a run directory's model, e.g. an imported one
 
 The model is built with `nnx.eval_shape` and its forward pass compiled from abstract inputs (batch 1, eval
 mode), so nothing is allocated and no data need be present: only the data config's sizes are read. FLOPs come
@@ -195,15 +196,17 @@ def bottleneck_comparison(dtype: str) -> dict[str, dict[str, float]]:
 # ---- Report ----
 
 
-def model_table(cfg: DictConfig) -> dict:
-    """Everything the table shows, as JSON-ready data."""
+def model_table(cfg: DictConfig, names: tuple[str, str] | None = None) -> dict:
+    """Everything the table shows, as JSON-ready data; `names` (model, data) default to the Hydra choices."""
+    if names is None:
+        names = (HydraConfig.get().runtime.choices.model, HydraConfig.get().runtime.choices.data)
     model, order = abstract_model(cfg.model)
     inputs = example_inputs(cfg.data, cfg.model)
     outputs = module_outputs(model, inputs)
     tree = parameter_tree(model, order)
     table = {
-        "model": HydraConfig.get().runtime.choices.model,
-        "data": HydraConfig.get().runtime.choices.data,
+        "model": names[0],
+        "data": names[1],
         "inputs": [list(x.shape) for x in inputs],
         "rows": table_rows(tree, outputs),
         "parameters_by_kind": parameters_by_kind(model),
@@ -260,7 +263,21 @@ def main(cfg: DictConfig) -> None:
     print(format_table(table))
 
 
+def describe_run(run_dir: Path) -> None:
+    """The table of a run directory's model (a training run, or one imported by scripts/convert.py)."""
+    from train.pretrained import run_config
+
+    cfg = run_config(run_dir)
+    table = model_table(cfg, (f"{cfg.model._target_} of {run_dir}", cfg.data._target_))
+    (run_dir / "model_table.json").write_text(json.dumps(table, indent=1))
+    print(f"wrote {run_dir / 'model_table.json'}")
+    print(format_table(table))
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 2 and Path(sys.argv[1]).is_dir():  # python scripts/model_table.py RUN_DIR
+        describe_run(Path(sys.argv[1]))
+        sys.exit()
     try:
         check_group_choices(sys.argv[1:])
     except ValueError as e:

@@ -63,7 +63,7 @@ def test_export_round_trip_loads_in_transformers(reference, tmp_path):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["n_layer"] == CONFIG["n_layer"]
 
 
-def test_sample_and_model_table_read_an_imported_run(reference):
+def test_sample_reads_an_imported_run(reference):
     _, _, run, _ = reference
     out = subprocess.run([sys.executable, "scripts/sample.py", str(run), "--prompt", "ab", "--max_new_tokens", "5",
                           "--temperature", "0"], capture_output=True, text=True, timeout=300)
@@ -113,3 +113,12 @@ def test_fine_tuning_starts_from_the_imported_weights(reference, tmp_path):
         in wrong.stderr, wrong.stderr[-2000:]
     resumed_in_place = subprocess.run([*train, f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=600)
     assert resumed_in_place.returncode == 1 and "holds imported weights" in resumed_in_place.stderr
+
+
+def test_model_table_describes_an_imported_run(reference):
+    _, _, run, _ = reference
+    out = subprocess.run([sys.executable, "scripts/model_table.py", str(run)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = sum(p.numel() for p in reference[0].parameters())  # tied: the output layer is the embedding
+    assert f"total parameters: {expected:,}" in out.stdout

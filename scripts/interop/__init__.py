@@ -8,6 +8,9 @@ Every family module (gpt2, mamba, vit, resnet) defines the same five names:
     to_archlab(weights: dict, hf: dict) -> dict      HF tensor name -> array  ==>  archlab flat state
     to_hf(state: dict, model_cfg: dict) -> dict      archlab flat state  ==>  HF tensor name -> array
 
+and, where one family has several published layouts, `canonical(weights, hf) -> dict` renaming the tensors
+to the layout `to_hf` writes (Mamba: state-spaces' `backbone.embedding` is HF's `backbone.embeddings`).
+
 An archlab *flat state* maps dotted paths of the model's parameters and batch statistics
 ("blocks.0.attn.query.kernel", "stem.norm.mean") to arrays, as `flat_state` lists them. The maps use jnp
 only, so `jax.eval_shape` gives the HF tensor shapes a config implies without allocating anything.
