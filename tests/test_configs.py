@@ -4,7 +4,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
-from train.config import compose, group_options
+from train.config import compose, default_compute_dtype, group_options
 
 
 def test_defaults_compose_to_lenet_on_digits():
@@ -43,3 +43,10 @@ def test_cfg_job_prints_the_resolved_config():
     proc = run_cli(["model=mlp", "optim.lr=0.02", "--cfg", "job"], timeout=60)
     printed = OmegaConf.create(proc.stdout)
     assert printed.model._target_ == "models.mlp.MLP" and printed.optim.lr == 0.02
+
+
+def test_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
+    assert [default_compute_dtype(b) for b in ("cpu", "gpu", "tpu")] == ["float32", "bfloat16", "bfloat16"]
+    cfg = compose(["model=gpt2_small"])
+    assert cfg.model.dtype == cfg.trainer.compute_dtype == default_compute_dtype()
+    assert compose(["model=gpt2_small", "trainer.compute_dtype=bfloat16"]).model.dtype == "bfloat16"

@@ -1,4 +1,6 @@
-"""Multi-head attention (self, causal, cross, cached) and the feed-forward block."""
+"""Multi-head attention (self, causal, cross, cached), its kernel choice, and the feed-forward block."""
+
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.layers import FeedForward, MultiHeadAttention, dot_product_attention
+from models import layers
+from models.layers import FeedForward, MultiHeadAttention, attention_kernel, dot_product_attention
 
 D, H, T = 16, 4, 6
 
@@ -59,6 +62,54 @@ def test_einsum_attention_matches_jax_dot_product_attention():
     mask = jnp.tril(jnp.ones((5, 5), bool))[None, None]
     np.testing.assert_allclose(dot_product_attention(q, k, v, mask),
                                jax.nn.dot_product_attention(q, k, v, mask=mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, dtype, masked, seq_len, kernel", [
+    ("cpu", jnp.bfloat16, False, 128, "einsum"),
+    ("gpu", jnp.bfloat16, False, 100, "cudnn"),
+    ("gpu", jnp.float16, False, 64, "cudnn"),
+    ("gpu", jnp.float32, False, 64, "xla"),     # cuDNN flash attention takes no fp32
+    ("gpu", jnp.bfloat16, True, 64, "xla"),     # explicit (padding) masks stay on the plain path
+    ("tpu", jnp.float32, False, 256, "pallas_flash"),
+    ("tpu", jnp.bfloat16, False, 100, "xla"),   # not whole 128-blocks
+    ("tpu", jnp.bfloat16, True, 128, "xla"),
+])
+def test_attention_kernel_choice(backend, dtype, masked, seq_len, kernel):
+    assert attention_kernel(dtype, masked=masked, seq_len=seq_len, backend=backend)[0] == kernel
+
+
+def test_causal_flag_equals_the_causal_mask_and_is_logged_once(caplog):
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, H, 8)) for i in range(3))
+    mask = jnp.tril(jnp.ones((7, 7), bool))[None, None]
+    layers._announced.clear()
+    with caplog.at_level(logging.INFO, logger="models.layers"):
+        np.testing.assert_allclose(dot_product_attention(q, k, v, causal=True), dot_product_attention(q, k, v, mask),
+                                   atol=1e-6)
+        dot_product_attention(q, k, v, causal=True)
+    assert [r.getMessage() for r in caplog.records] == [f"attention kernel: einsum ({jax.default_backend()}: "
+                                                        "einsum + softmax)"]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_kernel_matches_the_plain_path_forward_and_gradients():
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 256, 4, 64), jnp.bfloat16) for i in range(3))
+    mask = jnp.tril(jnp.ones((256, 256), bool))[None, None]
+
+    def loss(impl, q, k, v):
+        if impl == "cudnn":
+            y = dot_product_attention(q, k, v, causal=True)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return jnp.sum(y.astype(jnp.float32) * jnp.cos(jnp.arange(64)))
+
+    assert attention_kernel(q.dtype, masked=False, seq_len=256)[0] == "cudnn"
+    for impl_grads, plain_grads in zip(jax.grad(loss, (1, 2, 3))("cudnn", q, k, v),
+                                       jax.grad(loss, (1, 2, 3))("xla", q, k, v)):
+        np.testing.assert_allclose(np.asarray(impl_grads, np.float32), np.asarray(plain_grads, np.float32),
+                                   atol=2e-2, rtol=2e-2)
+    np.testing.assert_allclose(np.asarray(dot_product_attention(q, k, v, causal=True), np.float32),
+                               np.asarray(jax.nn.dot_product_attention(q, k, v, mask=mask), np.float32),
+                               atol=2e-2, rtol=2e-2)
 
 
 def test_fully_masked_rows_stay_finite():

@@ -12,6 +12,21 @@ if not OmegaConf.has_resolver("mul"):
     OmegaConf.register_new_resolver("mul", lambda *xs: math.prod(int(x) for x in xs))
 
 
+def default_compute_dtype(backend: str | None = None) -> str:
+    """bfloat16 on GPU and TPU, where their matrix units run it at full rate; float32 on CPU, which has none.
+
+    Parameters and optimizer state stay float32 (param_dtype); the loss, attention softmax and the Mamba scan
+    compute in float32 whatever this says.
+    """
+    import jax
+
+    return "float32" if (backend or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+if not OmegaConf.has_resolver("default_compute_dtype"):
+    OmegaConf.register_new_resolver("default_compute_dtype", lambda: default_compute_dtype())
+
+
 def group_options(group: str) -> list[str]:
     """The options of config group `group` (e.g. model -> lenet, mlp, ...)."""
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
