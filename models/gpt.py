@@ -11,13 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, KVCache, MultiHeadAttention
+from models.layers import FeedForward, KVCache, MultiHeadAttention, check_remat, layer_stack, num_stacked, run_stack
 
 _embed_init = nnx.initializers.normal(stddev=0.02)  # GPT-2's embedding initialisation
-
-# Rematerialisation policies for training (`remat`): what each block keeps for the backward pass.
-REMAT_POLICIES = {"full": None,  # keep only the block's input, recompute everything else
-                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class Block(nnx.Module):
@@ -41,50 +37,61 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    """Decoder-only language model: int32 tokens (B, T) -> logits (B, T, vocab_size)."""
+    """Decoder-only language model: int32 tokens (B, T) -> logits (B, T, vocab_size).
+
+    `scan_layers` stacks the blocks' parameters along a layer axis and runs them as one scan: one block is
+    compiled whatever the depth. `remat` recomputes each block in the backward pass (models.layers.REMAT_POLICIES).
+    """
 
     def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, d_model: int, num_heads: int,
                  d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True,
-                 norm_eps: float = 1e-5, remat: str = "none", dtype: str = "float32", rngs: nnx.Rngs):
-        if remat != "none" and remat not in REMAT_POLICIES:
-            raise ValueError(f"GPT: remat {remat!r} is not known (valid: none, {', '.join(REMAT_POLICIES)})")
-        self.max_len, self.remat = max_len, remat
+                 norm_eps: float = 1e-5, remat: str = "none", scan_layers: bool = False, dtype: str = "float32",
+                 rngs: nnx.Rngs):
+        check_remat("GPT", remat)
+        self.max_len, self.remat, self.scan_layers = max_len, remat, scan_layers
         self.token_embed = nnx.Embed(vocab_size, d_model, dtype=dtype, rngs=rngs,
                                      embedding_init=nnx.with_partitioning(_embed_init, ("vocab", "embed")))
         self.pos_embed = nnx.Embed(max_len, d_model, dtype=dtype, rngs=rngs,
                                    embedding_init=nnx.with_partitioning(_embed_init, (None, "embed")))
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, num_heads, d_ff or 4 * d_model, dropout=dropout, norm_eps=norm_eps,
-                                      dtype=dtype, rngs=rngs) for _ in range(num_layers)])
+        self.blocks = layer_stack(lambda r: Block(d_model, num_heads, d_ff or 4 * d_model, dropout=dropout,
+                                                  norm_eps=norm_eps, dtype=dtype, rngs=r), num_layers, rngs,
+                                  scan=scan_layers)
         self.ln_f = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.unembed = None if tie_embeddings else nnx.Linear(
             d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")))
 
-    def init_cache(self, batch_size: int, max_len: int) -> list[KVCache]:
-        """Empty per-layer key/value caches of `max_len` positions."""
+    def init_cache(self, batch_size: int, max_len: int) -> list[KVCache] | KVCache:
+        """Empty key/value caches of `max_len` positions: one per layer, or one stacked along the layer axis."""
+        if self.scan_layers:
+            cache = self.blocks.attn.init_cache(batch_size, max_len)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_stacked(self.blocks), *a.shape)), cache)
         return [block.attn.init_cache(batch_size, max_len) for block in self.blocks]
 
-    def __call__(self, tokens: jax.Array, caches: list[KVCache] | None = None
-                 ) -> jax.Array | tuple[jax.Array, list[KVCache]]:
+    def __call__(self, tokens: jax.Array, caches: list[KVCache] | KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, list[KVCache] | KVCache]:
         """Logits (B, T, V); with `caches`, the tokens continue the cached ones and the new caches are returned."""
-        start = 0 if caches is None else caches[0].index
-        length = tokens.shape[1] if caches is None else caches[0].k.shape[1]
+        first = caches if caches is None or self.scan_layers else caches[0]
+        start = 0 if caches is None else jnp.ravel(first.index)[0]
+        length = tokens.shape[1] if caches is None else first.k.shape[-3]
         if length > self.max_len:
             raise ValueError(f"GPT: sequence length {length} exceeds max_len {self.max_len} "
                              f"(valid: at most {self.max_len} positions)")
         positions = start + jnp.arange(tokens.shape[1])
         x = self.dropout(self.token_embed(tokens) + self.pos_embed(positions))  # (B, T) -> (B, T, D)
-        new_caches = []
-        for i, block in enumerate(self.blocks):
-            if caches is None and self.remat != "none":  # training: recompute the block in the backward pass
-                x = nnx.remat(lambda b, h: b(h)[0], policy=REMAT_POLICIES[self.remat])(block, x)
-                continue
-            x, cache = block(x, None if caches is None else caches[i])
-            new_caches.append(cache)
+        if caches is None:
+            x = run_stack(self.blocks, x, scan=self.scan_layers, remat=self.remat, call=lambda b, h: b(h)[0])
+        elif self.scan_layers:  # decoding, maybe inside generate's own lax.scan: a plain scan over the state
+            graphdef, state = nnx.split(self.blocks)
+            x, caches = jax.lax.scan(lambda h, xs: nnx.merge(graphdef, xs[0])(h, xs[1]), x, (state, caches))
+        else:
+            caches = list(caches)
+            for i, block in enumerate(self.blocks):
+                x, caches[i] = block(x, caches[i])
         x = self.ln_f(x)
         logits = self.token_embed.attend(x) if self.unembed is None else self.unembed(x)  # (B, T, D) -> (B, T, V)
-        return logits if caches is None else (logits, new_caches)
+        return logits if caches is None else (logits, caches)
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float = 1.0, top_k: int | None = None,

@@ -4,6 +4,7 @@ Attention follows Vaswani et al. (2017), eq. 1-2: softmax(Q K^T / sqrt(d_k)) V o
 """
 
 import logging
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -177,3 +178,50 @@ def patch_embedding(model: str, image_size: int, patch_size: int, in_channels: i
     return nnx.Conv(in_channels, d_model, (patch_size, patch_size), strides=patch_size, padding="VALID",
                     kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None, None, "embed")),
                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+# ---- Layer stacks: a Python loop over layers, or one scan over their stacked parameters ----
+
+# Rematerialisation policies for training (`remat`): what each layer keeps for the backward pass.
+REMAT_POLICIES = {"full": None,  # keep only the layer's input, recompute everything else
+                  "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def check_remat(model: str, remat: str) -> None:
+    if remat != "none" and remat not in REMAT_POLICIES:
+        raise ValueError(f"{model}: remat {remat!r} is not known (valid: none, {', '.join(REMAT_POLICIES)})")
+
+
+def layer_stack(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs, *,
+                scan: bool) -> nnx.Module:
+    """`num_layers` layers built by `make`: an nnx.List, or with `scan` one module whose every variable has a
+    leading layer axis, so that `run_stack` compiles a single layer whatever the depth."""
+    if not scan:
+        return nnx.List([make(rngs) for _ in range(num_layers)])
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num_layers, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(rngs: nnx.Rngs) -> nnx.Module:
+        return make(rngs)
+
+    return build(rngs)
+
+
+def run_stack(layers: nnx.Module, x: jax.Array, *, scan: bool, remat: str = "none",
+              call: Callable[[nnx.Module, jax.Array], jax.Array] = lambda layer, x: layer(x)) -> jax.Array:
+    """x through every layer in order, `call(layer, x)` each; under `remat` each layer is recomputed in the
+    backward pass. Layers from `layer_stack(scan=True)` run as one `nnx.scan`."""
+    if remat != "none":
+        call = nnx.remat(call, policy=REMAT_POLICIES[remat])
+    if scan:
+        return nnx.scan(lambda x, layer: call(layer, x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, layers)
+    for layer in layers:
+        x = call(layer, x)
+    return x
+
+
+def num_stacked(layers: nnx.Module) -> int:
+    """How many layers a stack holds, in either layout."""
+    if isinstance(layers, nnx.List):
+        return len(layers)
+    return jax.tree.leaves(nnx.state(layers, nnx.Param))[0].shape[0]

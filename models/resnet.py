@@ -104,7 +104,11 @@ class Stem(nnx.Module):
 
 
 class ResNet(nnx.Module):
-    """ResNet classifier: stem, stages of residual blocks (the first block of stages 2.. halves H, W), GAP, FC."""
+    """ResNet classifier: stem, stages of residual blocks (the first block of stages 2.. halves H, W), GAP, FC.
+
+    `stem_width` (default: widths[0]) is the stem's output channels; Hugging Face's `embedding_size`, which may
+    differ from the first stage's width.
+    """
 
     def __init__(
         self,
@@ -115,6 +119,7 @@ class ResNet(nnx.Module):
         stem: Literal["imagenet", "cifar"],
         num_classes: int,
         in_channels: int = 3,
+        stem_width: int | None = None,
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
@@ -128,9 +133,9 @@ class ResNet(nnx.Module):
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"ResNet: unknown stem {stem!r} (valid: imagenet, cifar)")
         block_cls = BLOCKS[block]
-        self.stem = Stem(in_channels, widths[0], stem, dtype=dtype, rngs=rngs)
+        c_in = widths[0] if stem_width is None else stem_width
+        self.stem = Stem(in_channels, c_in, stem, dtype=dtype, rngs=rngs)
         stages = []
-        c_in = widths[0]
         for i, (n_blocks, width) in enumerate(zip(stage_sizes, widths)):
             blocks = []
             for j in range(n_blocks):

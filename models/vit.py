@@ -15,11 +15,12 @@ from models.layers import FeedForward, MultiHeadAttention, patch_embedding
 class EncoderBlock(nnx.Module):
     """Pre-LN encoder block (eq. 2-3): x + MSA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, dtype: str, rngs: nnx.Rngs):
-        self.norm1 = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, *, norm_eps: float, activation: str, dtype: str,
+                 rngs: nnx.Rngs):
+        self.norm1 = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.attn = MultiHeadAttention(d_model, num_heads, dtype=dtype, rngs=rngs)
-        self.norm2 = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
-        self.mlp = FeedForward(d_model, d_ff, activation="gelu", dtype=dtype, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
+        self.mlp = FeedForward(d_model, d_ff, activation=activation, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x))
@@ -27,7 +28,11 @@ class EncoderBlock(nnx.Module):
 
 
 class ViT(nnx.Module):
-    """ViT classifier: patch embedding, [CLS] + position embeddings, `depth` encoder blocks, LN, linear head."""
+    """ViT classifier: patch embedding, [CLS] + position embeddings, `depth` encoder blocks, LN, linear head.
+
+    `norm_eps` and `activation` default to big_vision's (1e-6, tanh-approximate GELU); Hugging Face's google/vit-*
+    checkpoints use 1e-12 and the exact erf GELU ("gelu_exact").
+    """
 
     def __init__(
         self,
@@ -40,6 +45,8 @@ class ViT(nnx.Module):
         d_ff: int,
         num_classes: int,
         in_channels: int = 3,
+        norm_eps: float = 1e-6,
+        activation: str = "gelu",
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
@@ -49,8 +56,9 @@ class ViT(nnx.Module):
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d_model), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, d_model), jnp.float32))
-        self.blocks = nnx.List([EncoderBlock(d_model, num_heads, d_ff, dtype=dtype, rngs=rngs) for _ in range(depth)])
-        self.norm = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([EncoderBlock(d_model, num_heads, d_ff, norm_eps=norm_eps, activation=activation,
+                                             dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.norm = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         # big_vision initialises the head to zero: every class starts equally likely.
         self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
             nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

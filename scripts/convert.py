@@ -195,7 +195,7 @@ def export_checkpoint(run_dir: Path, out_dir: Path) -> None:
                          f"(valid: {', '.join(FAMILIES)})")
     check_new_dir(out_dir, "OUT_DIR")
     interop = family(model_cfg["_target_"])
-    tensors = {k: np.ascontiguousarray(v) for k, v in interop.to_hf(pretrained.flat_weights(run_dir), model_cfg).items()}
+    tensors = {k: np.array(v, order="C") for k, v in interop.to_hf(pretrained.flat_weights(run_dir), model_cfg).items()}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})

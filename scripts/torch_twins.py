@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ACTIVATIONS = {"relu": F.relu, "gelu": partial(F.gelu, approximate="tanh"), "tanh": torch.tanh,
+ACTIVATIONS = {"relu": F.relu, "gelu": partial(F.gelu, approximate="tanh"), "gelu_exact": F.gelu, "tanh": torch.tanh,
                "sigmoid": torch.sigmoid, "silu": F.silu}
 
 
@@ -143,13 +143,13 @@ class ResNet(nn.Module):
     """models/resnet.py: stem, stages of residual blocks (stages 2.. start at stride 2), global average pool, FC."""
 
     def __init__(self, stage_sizes: list[int], widths: list[int], block: str, stem: str, num_classes: int,
-                 in_channels: int = 3):
+                 in_channels: int = 3, stem_width: int | None = None):
         super().__init__()
         block_cls = {"basic": BasicBlock, "bottleneck": Bottleneck}[block]
-        imagenet = stem == "imagenet"
-        layers = [*conv_bn(in_channels, widths[0], 7 if imagenet else 3, 2 if imagenet else 1), nn.ReLU()]
+        imagenet, stem_width = stem == "imagenet", stem_width or widths[0]
+        layers = [*conv_bn(in_channels, stem_width, 7 if imagenet else 3, 2 if imagenet else 1), nn.ReLU()]
         self.stem = nn.Sequential(*layers, *([nn.MaxPool2d(3, 2, 1)] if imagenet else []))
-        stages, c_in = [], widths[0]
+        stages, c_in = [], stem_width
         for i, (n_blocks, width) in enumerate(zip(stage_sizes, widths)):
             blocks = []
             for j in range(n_blocks):
@@ -166,10 +166,10 @@ class ResNet(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-LN encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, norm_eps: float, activation: str):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(d_model, eps=1e-6), nn.LayerNorm(d_model, eps=1e-6)
-        self.attn, self.mlp = MultiHeadAttention(d_model, num_heads), FeedForward(d_model, d_ff)
+        self.norm1, self.norm2 = nn.LayerNorm(d_model, eps=norm_eps), nn.LayerNorm(d_model, eps=norm_eps)
+        self.attn, self.mlp = MultiHeadAttention(d_model, num_heads), FeedForward(d_model, d_ff, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -180,13 +180,13 @@ class ViT(nn.Module):
     """models/vit.py: patch conv, [CLS] + learned positions, pre-LN blocks, LN, head on the [CLS] state."""
 
     def __init__(self, image_size: int, patch_size: int, d_model: int, depth: int, num_heads: int, d_ff: int,
-                 num_classes: int, in_channels: int = 3):
+                 num_classes: int, in_channels: int = 3, norm_eps: float = 1e-6, activation: str = "gelu"):
         super().__init__()
         self.patch_embed = nn.Conv2d(in_channels, d_model, patch_size, patch_size)
         self.cls_token = nn.Parameter(0.02 * torch.randn(1, 1, d_model))
         self.pos_embed = nn.Parameter(0.02 * torch.randn(1, (image_size // patch_size) ** 2 + 1, d_model))
-        self.blocks = nn.Sequential(*(ViTBlock(d_model, num_heads, d_ff) for _ in range(depth)))
-        self.norm = nn.LayerNorm(d_model, eps=1e-6)
+        self.blocks = nn.Sequential(*(ViTBlock(d_model, num_heads, d_ff, norm_eps, activation) for _ in range(depth)))
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -410,9 +410,9 @@ class Simba(nn.Module):
 class GPTBlock(nn.Module):
     """Pre-norm decoder block: x + attn(ln(x)) causal, then x + mlp(ln(x))."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float, norm_eps: float):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(d_model, eps=1e-5), nn.LayerNorm(d_model, eps=1e-5)
+        self.ln1, self.ln2 = nn.LayerNorm(d_model, eps=norm_eps), nn.LayerNorm(d_model, eps=norm_eps)
         self.attn = MultiHeadAttention(d_model, num_heads, dropout)
         self.mlp = FeedForward(d_model, d_ff, dropout=dropout)
 
@@ -425,13 +425,13 @@ class GPT(nn.Module):
     """models/gpt.py: token + learned position embeddings, pre-norm blocks, final LN, (tied) output projection."""
 
     def __init__(self, vocab_size: int, max_len: int, num_layers: int, d_model: int, num_heads: int,
-                 d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True):
+                 d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True, norm_eps: float = 1e-5):
         super().__init__()
         self.token_embed, self.pos_embed = embedding(vocab_size, d_model, 0.02), embedding(max_len, d_model, 0.02)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.Sequential(*(GPTBlock(d_model, num_heads, d_ff or 4 * d_model, dropout)
+        self.blocks = nn.Sequential(*(GPTBlock(d_model, num_heads, d_ff or 4 * d_model, dropout, norm_eps)
                                       for _ in range(num_layers)))
-        self.ln_f = nn.LayerNorm(d_model, eps=1e-5)
+        self.ln_f = nn.LayerNorm(d_model, eps=norm_eps)
         self.unembed = nn.Linear(d_model, vocab_size, bias=False)
         if tie_embeddings:
             self.unembed.weight = self.token_embed.weight
@@ -532,7 +532,7 @@ class Transformer(nn.Module):
 TWINS = {"models.mlp.MLP": MLP, "models.lenet.LeNet": LeNet, "models.resnet.ResNet": ResNet,
          "models.vit.ViT": ViT, "models.gpt.GPT": GPT, "models.mamba.MambaLM": MambaLM,
          "models.simba.Simba": Simba, "models.transformer.Transformer": Transformer}
-RUN_ONLY_KEYS = ("dtype", "remat", "scan", "chunk_size")  # how archlab executes, not what it computes
+RUN_ONLY_KEYS = ("dtype", "remat", "scan", "chunk_size", "scan_layers")  # how archlab executes, not what it computes
 
 
 def twin(model_cfg: Mapping[str, Any]) -> torch.nn.Module:

@@ -104,7 +104,7 @@ def test_generation_continues_the_greedy_parallel_prediction():
 def test_outputs_are_causal(scan):
     block = MambaBlock(8, scan=scan, chunk_size=4, rngs=nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(3), (1, 10, 8))
-    jac = nnx.jit(lambda b, v: jax.jacfwd(lambda w: b(w)[0, :, 0])(v))(block, u)[:, 0]  # d out_t / d u_s: (T, T, D)
+    jac = nnx.jit(lambda b, v: jax.jacrev(lambda w: b(w)[0, :, 0])(v))(block, u)[:, 0]  # d out_t / d u_s: (T, T, D)
     influence = jnp.abs(jac).sum(-1)
     assert jnp.all(jnp.triu(influence, k=1) == 0)  # no output sees a later input
     assert jnp.all(jnp.diag(influence) > 0)

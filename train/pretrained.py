@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Model config keys that change how a model is run, not the function it computes: they may differ from the run
 # the weights come from. A different num_classes needs its head left out (trainer.init_exclude=[head]).
-RUN_ONLY_KEYS = {"dropout", "remat", "scan", "chunk_size", "dtype", "num_classes"}
+RUN_ONLY_KEYS = {"dropout", "remat", "scan", "chunk_size", "dtype", "num_classes", "scan_layers"}
 
 
 def run_config(run_dir: Path) -> DictConfig:
@@ -54,13 +55,21 @@ def read_weights(run_dir: Path, params: nnx.State, batch_stats: nnx.State) -> tu
 
 
 def load_model(run_dir: Path) -> tuple[DictConfig, nnx.Module]:
-    """A run's config and its eval-mode model holding the newest checkpoint's weights."""
+    """A run's config and its eval-mode model holding the newest checkpoint's weights (nothing is initialised)."""
     cfg = run_config(run_dir)
-    model = instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1))
+    model = nnx.eval_shape(lambda: instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1)))
+    graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    params, batch_stats = read_weights(run_dir, params, batch_stats)
+    rest = jax.tree.map(_placeholder, rest)  # RNG keys and counters: eval mode draws no random numbers
+    model = nnx.merge(graphdef, params, batch_stats, rest)
     model.eval()
-    params, batch_stats = read_weights(run_dir, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
-    nnx.update(model, params, batch_stats)
     return cfg, model
+
+
+def _placeholder(x: jax.ShapeDtypeStruct) -> jax.Array:
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.split(jax.random.key(0), x.shape)
+    return jnp.zeros(x.shape, x.dtype)
 
 
 def check_same_model(source: dict, model_cfg: dict, run_dir: Path) -> None:
@@ -88,15 +97,38 @@ def _with_defaults(model_cfg: dict) -> dict:
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | model_cfg
 
 
+def match_layout(flat: dict[str, np.ndarray], target: dict[str, tuple]) -> dict[str, np.ndarray]:
+    """Weights of one layer layout in the other's names: "blocks.3.mlp.fc1.kernel" (a loop over layers) is
+    row 3 of "blocks.mlp.fc1.kernel" (`scan_layers`, stacked along a leading layer axis), and back.
+
+    `target` maps the wanted names to their shapes; names already present pass through unchanged.
+    """
+    out = {name: flat[name] for name in target if name in flat}
+    for name in set(target) - set(out):
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            unstacked = ".".join(parts[:i] + parts[i + 1:])  # wanted: layer `part` of a stacked source
+            if part.isdigit() and unstacked in flat:
+                out[name] = np.asarray(flat[unstacked])[int(part)]
+                break
+            rows = [f"{'.'.join(parts[:i])}.{n}.{'.'.join(parts[i:])}".lstrip(".") for n in range(target[name][0])]
+            if i > 0 and all(r in flat for r in rows):  # wanted: stacked, from a source with one name per layer
+                out[name] = np.stack([np.asarray(flat[r]) for r in rows])
+                break
+    return out
+
+
 def init_from(state: dict, run_dir: Path, exclude: list[str]) -> dict:
     """The train state with its parameters and batch statistics taken from `run_dir`'s newest checkpoint.
 
     Parameters whose dotted path starts with an `exclude` prefix (e.g. "head") keep their fresh initialisation;
     every other one must be in the checkpoint with the same shape. The optimizer state and RNGs stay fresh.
     """
-    source = flat_weights(run_dir)
     params, model_state = nnx.to_pure_dict(state["params"]), nnx.to_pure_dict(state["model_state"])
     stats = {path_name(p) for p, v in nnx.to_flat_state(state["model_state"]) if isinstance(v, nnx.BatchStat)}
+    wanted = {path_name(p): v.shape for p, v in _leaves(params)} | \
+        {path_name(p): v.shape for p, v in _leaves(model_state) if path_name(p) in stats}
+    source = match_layout(flat_weights(run_dir), wanted)
     for tree, names in ((params, None), (model_state, stats)):
         for path, current in _leaves(tree):
             name = path_name(path)

@@ -1,0 +1,76 @@
+"""model.scan_layers: stacked layers run as one scan compute what the Python loop over layers computes, and a
+checkpoint of one layout starts a run of the other (trainer.init_from)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models.gpt import GPT, generate
+from scripts.interop import flat_state, load_flat
+from train.loop import run
+from train.config import compose
+from train.pretrained import load_model, match_layout
+
+# name -> (constructor keywords of a tiny model, example input)
+MODELS = {
+    "gpt": (GPT, dict(vocab_size=40, max_len=16, num_layers=3, d_model=32, num_heads=4),
+            lambda: jax.random.randint(jax.random.key(0), (2, 10), 0, 40)),
+}
+
+
+def twins(name: str, **extra) -> tuple[nnx.Module, nnx.Module, jax.Array]:
+    """The loop model and the scanned model holding the same weights, and an input."""
+    cls, kwargs, example = MODELS[name]
+    loop = cls(**kwargs, **extra, rngs=nnx.Rngs(0))
+    scanned = cls(**kwargs, **extra, scan_layers=True, rngs=nnx.Rngs(1))
+    load_flat(scanned, match_layout(flat_state(loop), {k: v.shape for k, v in flat_state(scanned).items()}))
+    return loop, scanned, example()
+
+
+def loss(model: nnx.Module, x: jax.Array) -> jax.Array:
+    out = model(x)
+    return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_scanned_layers_give_the_loops_outputs_and_gradients(name):
+    loop, scanned, x = twins(name)
+    np.testing.assert_allclose(scanned(x), loop(x), rtol=0, atol=1e-6)
+    grads_loop = flat_state(nnx.grad(loss)(loop, x))
+    grads_scan = match_layout(flat_state(nnx.grad(loss)(scanned, x)), {k: v.shape for k, v in grads_loop.items()})
+    assert grads_scan.keys() == grads_loop.keys()
+    scale = max(np.abs(g).max() for g in grads_loop.values())  # 1e-6 of the largest: fp32 sums in another order
+    for key, g in grads_loop.items():
+        np.testing.assert_allclose(grads_scan[key], g, rtol=0, atol=1e-6 * scale, err_msg=key)
+
+
+def test_scanned_gpt_remat_and_kv_cache_decoding():
+    loop, scanned, x = twins("gpt", remat="full")
+    np.testing.assert_allclose(nnx.grad(loss)(scanned, x).blocks.mlp.fc1.kernel[...][2],
+                               nnx.grad(loss)(loop, x).blocks[2].mlp.fc1.kernel[...], rtol=0, atol=1e-6)
+    loop.eval(), scanned.eval()
+    np.testing.assert_array_equal(generate(scanned, x[:, :4], 8, temperature=0.0),
+                                  generate(loop, x[:, :4], 8, temperature=0.0))
+
+
+def test_stacked_weights_lay_out_one_layer_per_row():
+    loop, scanned, _ = twins("gpt")
+    assert scanned.blocks.attn.query.kernel.shape == (3, 32, 32)
+    assert scanned.blocks.attn.query.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")
+    np.testing.assert_array_equal(scanned.blocks.ln1.scale[...][1], loop.blocks[1].ln1.scale[...])
+
+
+def test_a_checkpoint_of_one_layout_starts_a_run_of_the_other(tmp_path):
+    gpt = ["model=gpt", "data=bytes", "model.num_layers=2", "model.d_model=32", "model.num_heads=4",
+           "data.seq_len=16", "trainer.batch_size=4", "trainer.eval_batch_size=4", "data.eval_windows=4",
+           "trainer.log_every=1", "trainer.eval_every=2"]
+    run(compose([*gpt, "trainer.steps=2"]), tmp_path / "loop")
+    for layout, source in (("true", "loop"), ("false", "scanned")):
+        run(compose([*gpt, "trainer.steps=1", "optim.lr=0.0", f"model.scan_layers={layout}",
+                     f"trainer.init_from={tmp_path / source}"]), tmp_path / ("scanned" if layout == "true" else "back"))
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 256)
+    reference = load_model(tmp_path / "loop")[1](tokens)
+    for run_dir in ("scanned", "back"):
+        np.testing.assert_allclose(load_model(tmp_path / run_dir)[1](tokens), reference, rtol=0, atol=1e-5)
