@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, patch_embedding
+from models.layers import FeedForward, check_remat, layer_stack, patch_embedding, run_stack
 from models.mamba import MambaBlock
 
 
@@ -87,18 +87,21 @@ class Simba(nnx.Module):
         mlp_ratio: int = 4,
         num_blocks: int = 4,
         scan: str | None = None,
+        scan_layers: bool = False,
+        remat: str = "none",
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
+        check_remat("Simba", remat)
+        self.scan_layers, self.remat = scan_layers, remat
         if channel_mixer not in ("mlp", "einfft"):
             raise ValueError(f"Simba: unknown channel_mixer {channel_mixer!r} (valid: mlp, einfft)")
         self.patch_embed = patch_embedding("Simba", image_size, patch_size, in_channels, d_model, dtype=dtype,
                                            rngs=rngs)
-        self.blocks = nnx.List([
-            SimbaBlock(d_model, bidirectional=bidirectional, channel_mixer=channel_mixer, mlp_ratio=mlp_ratio,
-                       num_blocks=num_blocks, scan=scan, dtype=dtype, rngs=rngs)
-            for _ in range(num_layers)
-        ])
+        self.blocks = layer_stack(
+            lambda r: SimbaBlock(d_model, bidirectional=bidirectional, channel_mixer=channel_mixer,
+                                 mlp_ratio=mlp_ratio, num_blocks=num_blocks, scan=scan, dtype=dtype, rngs=r),
+            num_layers, rngs, scan=scan_layers)
         self.norm = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
             nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
@@ -107,6 +110,5 @@ class Simba(nnx.Module):
         """images (B, H, W, C) -> logits (B, num_classes)."""
         x = self.patch_embed(images)  # (B, H, W, C) -> (B, H/P, W/P, D)
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # -> (B, N, D), raster order
-        for block in self.blocks:
-            x = block(x)
+        x = run_stack(self.blocks, x, scan=self.scan_layers, remat=self.remat)
         return self.head(self.norm(x).mean(axis=1))  # mean over patches -> (B, num_classes)

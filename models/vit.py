@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, MultiHeadAttention, patch_embedding
+from models.layers import FeedForward, MultiHeadAttention, check_remat, layer_stack, patch_embedding, run_stack
 
 
 class EncoderBlock(nnx.Module):
@@ -30,7 +30,8 @@ class EncoderBlock(nnx.Module):
 class ViT(nnx.Module):
     """ViT classifier: patch embedding, [CLS] + position embeddings, `depth` encoder blocks, LN, linear head.
 
-    `norm_eps` and `activation` default to big_vision's (1e-6, tanh-approximate GELU); Hugging Face's google/vit-*
+    `scan_layers` stacks the blocks along a layer axis and runs them as one scan (compile time flat in depth);
+    `remat` recomputes each block in the backward pass. `norm_eps` and `activation` default to big_vision's (1e-6, tanh-approximate GELU); Hugging Face's google/vit-*
     checkpoints use 1e-12 and the exact erf GELU ("gelu_exact").
     """
 
@@ -47,17 +48,22 @@ class ViT(nnx.Module):
         in_channels: int = 3,
         norm_eps: float = 1e-6,
         activation: str = "gelu",
+        scan_layers: bool = False,
+        remat: str = "none",
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
+        check_remat("ViT", remat)
+        self.scan_layers, self.remat = scan_layers, remat
         num_patches = (image_size // patch_size) ** 2
         self.patch_embed = patch_embedding("ViT", image_size, patch_size, in_channels, d_model, dtype=dtype,
                                            rngs=rngs)
         init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, None, "embed"))
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, d_model), jnp.float32))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, num_patches + 1, d_model), jnp.float32))
-        self.blocks = nnx.List([EncoderBlock(d_model, num_heads, d_ff, norm_eps=norm_eps, activation=activation,
-                                             dtype=dtype, rngs=rngs) for _ in range(depth)])
+        self.blocks = layer_stack(lambda r: EncoderBlock(d_model, num_heads, d_ff, norm_eps=norm_eps,
+                                                         activation=activation, dtype=dtype, rngs=r),
+                                  depth, rngs, scan=scan_layers)
         self.norm = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         # big_vision initialises the head to zero: every class starts equally likely.
         self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
@@ -69,8 +75,7 @@ class ViT(nnx.Module):
         x = x.reshape(x.shape[0], -1, x.shape[-1])  # (B, H/P, W/P, D) -> (B, N, D)
         cls = jnp.broadcast_to(self.cls_token.get_value(), (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.get_value().astype(x.dtype)  # (B, 1 + N, D)
-        for block in self.blocks:
-            x = block(x)
+        x = run_stack(self.blocks, x, scan=self.scan_layers, remat=self.remat)
         return self.norm(x)
 
     def __call__(self, images: jax.Array) -> jax.Array:

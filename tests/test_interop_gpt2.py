@@ -122,3 +122,21 @@ def test_model_table_describes_an_imported_run(reference):
     assert out.returncode == 0, out.stderr[-2000:]
     expected = sum(p.numel() for p in reference[0].parameters())  # tied: the output layer is the embedding
     assert f"total parameters: {expected:,}" in out.stdout
+
+
+def test_sharded_safetensors_import_like_one_file(reference, tmp_path):
+    model, src, _, tokens = reference
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, sharded / file, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: file for file, keys in shards.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    (sharded / "config.json").write_text((src / "config.json").read_text())
+    import_checkpoint(sharded, tmp_path / "run")
+    close(load_model(tmp_path / "run")[1](tokens), hf_logits(model, tokens))
