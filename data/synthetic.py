@@ -1,4 +1,5 @@
-"""Synthetic sequence tasks of the Mamba paper (Gu & Dao 2023, Section 4.1), fresh random data every step.
+"""Synthetic data: the sequence tasks of the Mamba paper (Gu & Dao 2023, Section 4.1), fresh random data every
+step, and random images for throughput benchmarks.
 
 - `SelectiveCopying` (data=selective_copy, paper Table 1): M data tokens at random positions of a noise sequence
   of length L, then M markers; the model must then output the M data tokens in order.
@@ -125,3 +126,23 @@ class InductionHeads(_Synthetic):
                 correct += int((np.asarray(last_logits(model, tokens[:, :-1])).argmax(-1) == tokens[:, -1]).sum())
             metrics[f"accuracy_at_{length}"] = correct / self.extrapolation_examples
         return metrics
+
+
+class RandomImages(_Synthetic):
+    """Random images and labels of any size, for throughput benchmarks where no image dataset is on disk.
+
+    A fixed pool of `pool` images is drawn once; every batch takes rows of it, so feeding costs a copy.
+    """
+
+    task = "classify"
+
+    def __init__(self, image_size: int = 224, channels: int = 3, num_classes: int = 1000, pool: int = 256,
+                 eval_examples: int = 256, seed: int = 0, **metadata):
+        super().__init__(eval_examples, seed)
+        rng = _rng(seed, 2)
+        self.images = rng.standard_normal((pool, image_size, image_size, channels), np.float32)
+        self.labels = rng.integers(0, num_classes, pool).astype(np.int32)
+
+    def make(self, num: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        rows = rng.integers(0, len(self.labels), num)
+        return {"image": self.images[rows], "label": self.labels[rows]}

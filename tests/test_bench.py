@@ -35,3 +35,28 @@ def test_bench_names_an_unknown_entry():
     assert proc.stderr.strip().splitlines() == [
         "error: bench entry 'gpt3' is not in the suite (valid: mlp, lenet, resnet20, vit_tiny, gpt_small, gpt_char, "
         "mamba, simba, transformer)"]
+
+
+def test_accelerator_bench_smoke_run_reports_every_section(tmp_path):
+    """The GPU/TPU table's script, at tiny shapes on CPU: every section filled (speed is never checked)."""
+    out = tmp_path / "accelerator.json"
+    run_cli(["--smoke", "--out", str(out)], module="scripts/accelerator_bench.py", timeout=600)
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"gpt_tiny", "resnet20_tiny"}
+    for row in report["models"].values():
+        assert row["step_ms"] > 0 and row["items_per_s"] > 0 and row["tflops_per_step"] > 0
+        assert row["mfu"] is None  # no bf16 peak is listed for a CPU
+    assert {(r["scan"], r["length"]) for r in report["scans"]} == {(s, n) for s in ("sequential", "chunked")
+                                                                   for n in (64, 128)}
+    assert all(r["peak_bytes"] > 0 for r in report["scans"])
+    assert report["attention"][0]["kernel"] == "einsum" and report["attention"][0]["plain_ms"] > 0
+
+
+def test_compile_time_script_compares_the_layouts(tmp_path):
+    out = tmp_path / "compile_time.json"
+    run_cli(["--depths", "1", "2", "--rounds", "1", "--out", str(out), "--set", "model=gpt", "data=bytes",
+             "data.seq_len=16", "trainer.batch_size=2"], module="scripts/compile_time.py", timeout=600)
+    report = json.loads(out.read_text())
+    assert [row["depth"] for row in report["rows"]] == [1, 2]
+    assert all(row[layout]["median_s"] > 0 for row in report["rows"] for layout in ("loop", "scan"))
+    assert "| 2 |" in out.with_suffix(".md").read_text()

@@ -1,0 +1,147 @@
+"""The GPU/TPU table of issue 14 in one run: throughput and MFU of the real train step, the selective-scan
+variants against sequence length, and the attention kernel against the plain path.
+
+    python scripts/accelerator_bench.py                 # on a GPU or TPU machine: the whole table, < 10 minutes
+    python scripts/accelerator_bench.py --smoke         # tiny shapes, any backend (what the test runs on CPU)
+
+Train steps are `train.loop.make_train_step` on `loop.setup` of the named overrides (bfloat16 compute on
+accelerators by default), timed over `--steps` steps after two warm-up steps with a device sync at each end.
+FLOPs per step come from XLA's cost analysis of that compiled step; MFU divides them by the step time and the
+device's dense bf16 peak from its spec sheet (`PEAK_BF16`; unknown devices get no MFU). Scan rows reuse
+scripts/scan_benchmark.py (XLA's memory account of the compiled forward+backward). Writes JSON and Markdown.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from models.layers import attention_kernel, dot_product_attention  # noqa: E402
+from scripts.scan_benchmark import make_inputs, measure  # noqa: E402
+from train import loop  # noqa: E402
+from train import mesh as mesh_lib  # noqa: E402
+from train.config import compose  # noqa: E402
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (no sparsity).
+PEAK_BF16 = {"NVIDIA H200": 989e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA L4": 121e12,
+             "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+MODELS = {  # name -> (overrides, items per example: tokens for language models, 1 image otherwise)
+    "gpt2_small_seq1024": (["model=gpt2_small", "data=bytes", "data.seq_len=1024", "trainer.batch_size=16"], 1024),
+    "resnet50_224": (["model=resnet50", "data=random_images", "trainer.batch_size=128", "optim=sgd"], 1),
+    "vit_b16_224": (["model=vit_b16", "data=random_images", "trainer.batch_size=128"], 1),
+    "mamba_130m_seq2048": (["model=mamba_130m", "data=bytes", "data.seq_len=2048", "trainer.batch_size=8"], 2048),
+}
+SMOKE = {
+    "gpt_tiny": (["model=gpt", "data=bytes", "data.seq_len=32", "trainer.batch_size=4", "model.num_layers=1"], 32),
+    "resnet20_tiny": (["model=resnet20", "data=random_images", "data.image_size=16", "data.num_classes=10",
+                       "trainer.batch_size=4"], 1),
+}
+
+
+def train_throughput(overrides: list[str], items: int, steps: int) -> dict:
+    """Steps/s, items/s, FLOPs per step and MFU of the real train step for `overrides`."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        exp = loop.setup(compose([*overrides, f"trainer.steps={steps + 2}"]), run_dir)
+        step = loop.make_train_step(exp)
+        state = jax.jit(exp.init, out_shardings=exp.shardings)()
+        batch = mesh_lib.global_batch(exp.dataset.train_batch(0, exp.cfg.trainer.batch_size), exp.mesh)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        compile_s = time.perf_counter() - t0
+        flops = (compiled.cost_analysis() or {}).get("flops")
+        for _ in range(2):
+            state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, _ = compiled(state, batch)
+        jax.block_until_ready(state)
+        seconds = (time.perf_counter() - t0) / steps
+        exp.checkpoints.close()
+    peak = PEAK_BF16.get(jax.devices()[0].device_kind)
+    batch_size = exp.cfg.trainer.batch_size
+    return {"step_ms": 1e3 * seconds, "items_per_s": batch_size * items / seconds, "compile_s": compile_s,
+            "tflops_per_step": flops / 1e12 if flops else None,
+            "mfu": flops / seconds / (peak * jax.device_count()) if flops and peak else None,
+            "dtype": exp.cfg.trainer.compute_dtype}
+
+
+def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
+    """Causal self-attention forward+backward (bf16, 12 heads of 64): the chosen kernel against plain XLA."""
+    rows = []
+    for length in lengths:
+        q, k, v = (jax.random.normal(jax.random.key(i), (4, length, 12, 64), jnp.bfloat16) for i in range(3))
+        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        paths = {"kernel": lambda q, k, v: dot_product_attention(q, k, v, causal=True),
+                 "plain": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")}
+        row = {"length": length, "kernel": attention_kernel(jnp.bfloat16, masked=False, seq_len=length)[0]}
+        for name, fn in paths.items():
+            grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+            jax.block_until_ready(grad(q, k, v))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                out = grad(q, k, v)
+            jax.block_until_ready(out)
+            row[f"{name}_ms"] = 1e3 * (time.perf_counter() - t0) / repeats
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "accelerator.json")
+    args = parser.parse_args()
+    models = SMOKE if args.smoke else MODELS
+    scan_lengths = [64, 128] if args.smoke else [1024, 4096, 16384]
+    attention_lengths = [32] if args.smoke else [1024, 4096]
+    scans = ["sequential", "chunked"] if args.smoke else ["associative", "chunked", "pallas"]
+    device = f"{jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})"
+    result = {"date": str(date.today()), "device": device, "models": {}, "scans": [], "attention": []}
+    for name, (overrides, items) in models.items():
+        result["models"][name] = train_throughput(overrides, items, 2 if args.smoke else args.steps)
+        print(name, result["models"][name], flush=True)
+    for length in scan_lengths:
+        inputs = make_inputs(1 if args.smoke else 8, length, 16 if args.smoke else 1536, 16, jax.random.key(0))
+        for scan in scans:
+            try:
+                row = measure(scan, 256, inputs, 1 if args.smoke else 3)
+            except Exception as e:  # noqa: BLE001  (an out-of-memory row is a result too)
+                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+            result["scans"].append({"scan": scan, "length": length, **row})
+            print(result["scans"][-1], flush=True)
+    result["attention"] = attention_rows(attention_lengths, 2 if args.smoke else 10)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    lines = [f"{device}, {result['date']}", "", "| model | dtype | step ms | items/s | TFLOP/step | MFU | compile s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result["models"].items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        tflops = f"{r['tflops_per_step']:.2f}" if r["tflops_per_step"] else "-"
+        lines.append(f"| {name} | {r['dtype']} | {r['step_ms']:.1f} | {r['items_per_s']:,.0f} | {tflops} | {mfu} | "
+                     f"{r['compile_s']:.1f} |")
+    lines += ["", "| scan | L | fwd+bwd s | peak MiB |", "|---|---|---|---|"]
+    for r in result["scans"]:
+        cells = f"{r['seconds']:.4f} | {r['peak_bytes'] / 2**20:,.0f}" if "seconds" in r else f"{r['error']} |"
+        lines.append(f"| {r['scan']} | {r['length']} | {cells} |")
+    lines += ["", "| attention L | kernel | kernel fwd+bwd ms | plain fwd+bwd ms |", "|---|---|---|---|"]
+    for r in result["attention"]:
+        lines.append(f"| {r['length']} | {r['kernel']} | {r['kernel_ms']:.2f} | {r['plain_ms']:.2f} |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
