@@ -21,10 +21,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.layers import check_remat, layer_stack, num_stacked, run_stack
 from models.pallas_scan import scan_pallas
 
 Array = jax.Array
-Cache = list[tuple[Array, Array]]  # per layer: (conv state (B, K-1, D), ssm state (B, D, N))
+# Per layer (conv state (B, K-1, D), ssm state (B, D, N)); with scan_layers one such pair stacked: (L, B, ...).
+Cache = list[tuple[Array, Array]] | tuple[Array, Array]
 
 
 # ---- Selective scan ----
@@ -289,7 +291,11 @@ class ResidualBlock(nnx.Module):
 
 
 class MambaLM(nnx.Module):
-    """Mamba language model (reference MambaLMHeadModel): embedding, residual Mamba blocks, final RMSNorm, tied head."""
+    """Mamba language model (reference MambaLMHeadModel): embedding, residual Mamba blocks, final RMSNorm, tied head.
+
+    `scan_layers` stacks the blocks' parameters along a layer axis and runs them as one scan: one block is
+    compiled whatever the depth. `remat` recomputes each block in the backward pass (models.layers.REMAT_POLICIES).
+    """
 
     def __init__(
         self,
@@ -305,13 +311,16 @@ class MambaLM(nnx.Module):
         scan: str | None = None,
         chunk_size: int = 256,
         pad_vocab_multiple: int = 8,
+        remat: str = "none",
+        scan_layers: bool = False,
         dtype: str = "float32",
         rngs: nnx.Rngs,
     ):
+        check_remat("MambaLM", remat)
         if vocab_size < 1 or d_model < 1 or num_layers < 1:
             raise ValueError(f"MambaLM: vocab_size {vocab_size}, d_model {d_model}, num_layers {num_layers} "
                              f"must all be >= 1")
-        self.vocab_size = vocab_size
+        self.vocab_size, self.remat, self.scan_layers = vocab_size, remat, scan_layers
         padded_vocab = -(-vocab_size // pad_vocab_multiple) * pad_vocab_multiple  # the reference pads for fast matmuls
         self.embed = nnx.Embed(
             padded_vocab,
@@ -321,23 +330,23 @@ class MambaLM(nnx.Module):
             param_dtype=jnp.float32,
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [
-                ResidualBlock(
-                    d_model,
-                    d_state=d_state,
-                    d_conv=d_conv,
-                    expand=expand,
-                    dt_rank=dt_rank,
-                    selective=selective,
-                    scan=scan,
-                    chunk_size=chunk_size,
-                    out_scale=num_layers**-0.5,  # GPT-2 style residual rescale, as the reference's _init_weights
-                    dtype=dtype,
-                    rngs=rngs,
-                )
-                for _ in range(num_layers)
-            ]
+        self.layers = layer_stack(
+            lambda r: ResidualBlock(
+                d_model,
+                d_state=d_state,
+                d_conv=d_conv,
+                expand=expand,
+                dt_rank=dt_rank,
+                selective=selective,
+                scan=scan,
+                chunk_size=chunk_size,
+                out_scale=num_layers**-0.5,  # GPT-2 style residual rescale, as the reference's _init_weights
+                dtype=dtype,
+                rngs=r,
+            ),
+            num_layers,
+            rngs,
+            scan=scan_layers,
         )
         self.norm_f = nnx.RMSNorm(d_model, epsilon=1e-5, dtype=jnp.dtype(dtype), param_dtype=jnp.float32, rngs=rngs)
 
@@ -347,30 +356,43 @@ class MambaLM(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens int32 (B, T) -> logits (B, T, vocab_size)."""
         h = self.embed(tokens)  # (B, T, d_model)
-        for layer in self.layers:
-            h = layer(h)
-        return self._logits(h)
+        return self._logits(run_stack(self.layers, h, scan=self.scan_layers, remat=self.remat))
+
+    def _scan_stacked(self, body: Callable, h: Array, xs: tuple[Array, Array] | None = None) -> tuple[Array, Cache]:
+        """`body(layer, h, x) -> (h, state)` over the stacked layers as a plain lax.scan over their split state:
+        nnx.scan fails inside an outer lax.scan trace, such as generate's."""
+        graphdef, params = nnx.split(self.layers)
+        return jax.lax.scan(lambda h, px: body(nnx.merge(graphdef, px[0]), h, px[1]), h, (params, xs))
 
     def init_cache(self, batch_size: int) -> Cache:
-        """Zero recurrent state of every layer: its size does not grow with the sequence."""
+        """Zero recurrent state of every layer (its size does not grow with the sequence), stacked with scan_layers."""
+        if self.scan_layers:
+            state = self.layers.mixer.init_state(batch_size)
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (num_stacked(self.layers), *a.shape)), state)
         return [layer.mixer.init_state(batch_size) for layer in self.layers]
 
     def prefill(self, tokens: jax.Array) -> tuple[jax.Array, Cache]:
         """Parallel pass over a prompt (B, T) -> (logits of its last token (B, V), the cache after it)."""
         h = self.embed(tokens)
-        cache = []
-        for layer in self.layers:
-            h, state = layer(h, return_state=True)
-            cache.append(state)
+        if self.scan_layers:
+            h, cache = self._scan_stacked(lambda layer, h, _: layer(h, return_state=True), h)
+        else:
+            cache = []
+            for layer in self.layers:
+                h, state = layer(h, return_state=True)
+                cache.append(state)
         return self._logits(h[:, -1]), cache
 
     def step(self, token: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """Recurrent mode: one token int32 (B,) and the cache -> (logits (B, V), new cache)."""
         h = self.embed(token)  # (B, d_model)
-        new_cache = []
-        for layer, state in zip(self.layers, cache):
-            h, state = layer.step(h, state)
-            new_cache.append(state)
+        if self.scan_layers:
+            h, new_cache = self._scan_stacked(lambda layer, h, state: layer.step(h, state), h, cache)
+        else:
+            new_cache = []
+            for layer, state in zip(self.layers, cache):
+                h, state = layer.step(h, state)
+                new_cache.append(state)
         return self._logits(h), new_cache
 
 

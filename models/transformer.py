@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import FeedForward, KVCache, MultiHeadAttention
+from models.layers import FeedForward, KVCache, MultiHeadAttention, check_remat, layer_stack, num_stacked, run_stack
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -76,17 +76,25 @@ class DecoderBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """Encoder-decoder: src (B, S), tgt_in (B, T) int32 with pad 0 -> logits (B, T, vocab_size)."""
+    """Encoder-decoder: src (B, S), tgt_in (B, T) int32 with pad 0 -> logits (B, T, vocab_size).
+
+    `scan_layers` stacks the encoder's and the decoder's blocks along a layer axis and runs each stack as one
+    scan: one encoder and one decoder block are compiled whatever the depth. `remat` recomputes each block in the
+    backward pass (models.layers.REMAT_POLICIES).
+    """
 
     def __init__(self, *, vocab_size: int, src_len: int, tgt_len: int, num_layers: int, d_model: int,
                  num_heads: int, d_ff: int, num_decoder_layers: int | None = None, dropout: float = 0.0,
                  activation: str = "relu", share_embeddings: bool = True, positions: str = "sinusoidal",
-                 norm: str = "pre", dtype: str = "float32", rngs: nnx.Rngs):
+                 norm: str = "pre", remat: str = "none", scan_layers: bool = False, dtype: str = "float32",
+                 rngs: nnx.Rngs):
+        check_remat("Transformer", remat)
         if positions not in ("sinusoidal", "learned"):
             raise ValueError(f"Transformer: positions {positions!r} is not known (valid: sinusoidal, learned)")
         if norm not in ("pre", "post"):
             raise ValueError(f"Transformer: norm {norm!r} is not known (valid: pre, post)")
         self.src_len, self.tgt_len, self.d_model, self.positions = src_len, tgt_len, d_model, positions
+        self.remat, self.scan_layers = remat, scan_layers
         # Embeddings ~ N(0, 1/d), scaled by sqrt(d) on input (section 3.4): unit-variance inputs, and tied
         # output logits of unit scale.
         init = nnx.with_partitioning(nnx.initializers.normal(stddev=d_model ** -0.5), ("vocab", "embed"))
@@ -104,10 +112,11 @@ class Transformer(nnx.Module):
             self.src_pos_embed = nnx.Embed(src_len, d_model, dtype=dtype, embedding_init=pos_init, rngs=rngs)
             self.tgt_pos_embed = nnx.Embed(tgt_len, d_model, dtype=dtype, embedding_init=pos_init, rngs=rngs)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        block_args = dict(norm=norm, dropout=dropout, activation=activation, dtype=dtype, rngs=rngs)
-        self.encoder = nnx.List([EncoderBlock(d_model, num_heads, d_ff, **block_args) for _ in range(num_layers)])
-        self.decoder = nnx.List([DecoderBlock(d_model, num_heads, d_ff, **block_args)
-                                 for _ in range(num_decoder_layers or num_layers)])
+        block_args = dict(norm=norm, dropout=dropout, activation=activation, dtype=dtype)
+        self.encoder = layer_stack(lambda r: EncoderBlock(d_model, num_heads, d_ff, **block_args, rngs=r),
+                                   num_layers, rngs, scan=scan_layers)
+        self.decoder = layer_stack(lambda r: DecoderBlock(d_model, num_heads, d_ff, **block_args, rngs=r),
+                                   num_decoder_layers or num_layers, rngs, scan=scan_layers)
         # Pre-norm leaves the residual stream unnormalised: one final LayerNorm per stack.
         self.norm_enc = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if norm == "pre" else None
         self.norm_dec = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if norm == "pre" else None
@@ -127,36 +136,58 @@ class Transformer(nnx.Module):
         if src.shape[1] > self.src_len:
             raise ValueError(f"Transformer: source length {src.shape[1]} exceeds src_len {self.src_len}")
         x, mask = self._embed(src, 0, source=True), padding_mask(src)
-        for block in self.encoder:
-            x = block(x, mask)
+        x = run_stack(self.encoder, x, scan=self.scan_layers, remat=self.remat, call=lambda block, h: block(h, mask))
         return x if self.norm_enc is None else self.norm_enc(x)
 
-    def decode(self, tgt_in: jax.Array, memory: jax.Array | list[KVCache], src: jax.Array,
-               caches: list[KVCache] | None = None) -> jax.Array | tuple[jax.Array, list[KVCache]]:
+    def decode(self, tgt_in: jax.Array, memory: jax.Array | list[KVCache] | KVCache, src: jax.Array,
+               caches: list[KVCache] | KVCache | None = None) -> jax.Array | tuple[jax.Array, list[KVCache] | KVCache]:
         """Logits (B, T, V) for decoder inputs (B, T) given the encoder memory (or its per-layer keys/values).
 
         With self-attention `caches` the inputs continue the cached positions and the new caches are returned.
+        Under `scan_layers` per-layer keys/values and caches are one KVCache stacked along a leading layer axis.
         """
-        length = tgt_in.shape[1] if caches is None else caches[0].k.shape[1]
+        first = caches if caches is None or self.scan_layers else caches[0]
+        length = tgt_in.shape[1] if caches is None else first.k.shape[-3]
         if length > self.tgt_len:
             raise ValueError(f"Transformer: target length {length} exceeds tgt_len {self.tgt_len}")
-        y = self._embed(tgt_in, 0 if caches is None else caches[0].index, source=False)
-        mask, new_caches = padding_mask(src), []
-        for i, block in enumerate(self.decoder):
-            layer_memory = memory[i] if isinstance(memory, list) else memory
-            y, cache = block(y, layer_memory, mask, None if caches is None else caches[i])
-            new_caches.append(cache)
+        y = self._embed(tgt_in, 0 if caches is None else jnp.ravel(first.index)[0], source=False)
+        mask = padding_mask(src)
+        if caches is None and not isinstance(memory, (list, KVCache)):  # teacher forcing
+            y = run_stack(self.decoder, y, scan=self.scan_layers, remat=self.remat,
+                          call=lambda block, h: block(h, memory, mask)[0])
+        elif self.scan_layers:  # decoding, maybe inside the token loop's lax.scan: a plain scan over the state
+            graphdef, state = nnx.split(self.decoder)
+            per_layer = memory if isinstance(memory, KVCache) else None  # projected keys/values, one row per layer
+
+            def layer(h, xs):
+                state, layer_memory, cache = xs
+                return nnx.merge(graphdef, state)(h, memory if layer_memory is None else layer_memory, mask, cache)
+
+            y, caches = jax.lax.scan(layer, y, (state, per_layer, caches))
+        else:
+            new_caches = []
+            for i, block in enumerate(self.decoder):
+                layer_memory = memory[i] if isinstance(memory, list) else memory
+                y, cache = block(y, layer_memory, mask, None if caches is None else caches[i])
+                new_caches.append(cache)
+            caches = None if caches is None else new_caches
         y = y if self.norm_dec is None else self.norm_dec(y)
         logits = self.src_embed.attend(y) if self.unembed is None else self.unembed(y)  # (B, T, D) -> (B, T, V)
-        return logits if caches is None else (logits, new_caches)
+        return logits if caches is None else (logits, caches)
 
     def __call__(self, src: jax.Array, tgt_in: jax.Array) -> jax.Array:
         """Teacher-forced logits (B, T, V)."""
         return self.decode(tgt_in, self.encode(src), src)
 
-    def init_decoding(self, src: jax.Array) -> tuple[list[KVCache], list[KVCache]]:
-        """Encoder memory projected once per decoder layer, and empty self-attention caches of tgt_len."""
+    def init_decoding(self, src: jax.Array) -> tuple[list[KVCache] | KVCache, list[KVCache] | KVCache]:
+        """Encoder memory projected once per decoder layer, and empty self-attention caches of tgt_len
+        (under `scan_layers`, each one KVCache stacked along the layer axis)."""
         memory = self.encode(src)
+        if self.scan_layers:
+            graphdef, state = nnx.split(self.decoder)
+            cross = jax.vmap(lambda s: nnx.merge(graphdef, s).cross_attn.project_context(memory))(state)
+            cache = self.decoder.self_attn.init_cache(src.shape[0], self.tgt_len)
+            return cross, jax.tree.map(lambda a: jnp.broadcast_to(a, (num_stacked(self.decoder), *a.shape)), cache)
         cross = [block.cross_attn.project_context(memory) for block in self.decoder]
         caches = [block.self_attn.init_cache(src.shape[0], self.tgt_len) for block in self.decoder]
         return cross, caches
@@ -203,7 +234,10 @@ def _beam(graphdef: nnx.GraphDef, state: nnx.State, src: jax.Array, beam_size: i
         scores, flat = jax.lax.top_k((scores[:, :, None] + logp).reshape(batch, k * vocab), k)  # (B, K)
         parent = (flat // vocab + jnp.arange(batch)[:, None] * k).reshape(-1)  # (B*K,): rows of the old beams
         token = (flat % vocab).reshape(-1).astype(jnp.int32)
-        caches = [c._replace(k=c.k[parent], v=c.v[parent]) for c in caches]
+        if model.scan_layers:  # stacked caches (layers, B*K, ...)
+            caches = caches._replace(k=caches.k[:, parent], v=caches.v[:, parent])
+        else:
+            caches = [c._replace(k=c.k[parent], v=c.v[parent]) for c in caches]
         history = history[parent].at[:, i].set(token)
         done = done[parent] | (token == EOS) | (token == PAD)
         return (token, done, scores, history, caches), None

@@ -9,8 +9,10 @@ from flax import nnx
 from hydra.utils import instantiate
 
 from models.mamba import SCANS, MambaBlock, MambaLM, generate, selective_scan
+from scripts.interop import flat_state, load_flat
 from train.loop import run
 from train.optim import decay_mask
+from train.pretrained import match_layout
 
 
 def scan_inputs(batch=2, length=37, d=6, n=4, seed=0):
@@ -98,6 +100,23 @@ def test_generation_continues_the_greedy_parallel_prediction():
     # Greedy: each new token is the argmax of the parallel model's logits at the position before it.
     logits = model(jnp.concatenate([prompt, out[:, :-1]], 1))  # (2, 10, V)
     np.testing.assert_array_equal(out, jnp.argmax(logits[:, 4:], -1))
+
+
+def test_scanned_layers_generate_and_remat_like_the_loop():
+    loop, scanned = small_lm(), nnx.eval_shape(lambda: small_lm(scan_layers=True, remat="full"))  # weights: the loop's
+    load_flat(scanned, match_layout(flat_state(loop), {k: v.shape for k, v in flat_state(scanned).items()}))
+    assert jax.tree.map(jnp.shape, scanned.init_cache(3)) == ((2, 3, 3, 32), (2, 3, 32, 16))  # (L, B, ...)
+    prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, 21)
+    sample = nnx.jit(generate, static_argnums=(2, 4))
+    np.testing.assert_array_equal(sample(scanned, prompt, 6, jax.random.key(0), 0),
+                                  sample(loop, prompt, 6, jax.random.key(0), 0))
+    loss = lambda model: jnp.sum(jnp.cos(model(prompt)))
+    grad = nnx.jit(nnx.grad(loss))
+    grads_loop = flat_state(grad(loop))
+    grads_scan = match_layout(flat_state(grad(scanned)), {k: v.shape for k, v in grads_loop.items()})
+    assert grads_scan.keys() == grads_loop.keys()
+    for key, g in grads_loop.items():
+        np.testing.assert_allclose(grads_scan[key], g, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("scan", list(SCANS))

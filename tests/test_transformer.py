@@ -7,6 +7,8 @@ import pytest
 from flax import nnx
 
 from models.transformer import BOS, EOS, Transformer, beam_search, greedy_decode, sinusoidal_positions
+from scripts.interop import flat_state, load_flat
+from train.pretrained import match_layout
 
 V, S, T = 24, 10, 9
 VARIANTS = [dict(norm="pre", positions="sinusoidal", share_embeddings=True),
@@ -107,6 +109,16 @@ def test_beam_search_scores_at_least_greedy():
 
     greedy, beam = np.asarray(greedy_decode(model, src)), np.asarray(beam_search(model, src, 4))
     assert (log_prob(beam) >= log_prob(greedy) - 1e-4).all()
+
+
+def test_scanned_layers_decode_as_the_loop():
+    loop, scanned = make(), make(scan_layers=True)
+    load_flat(scanned, match_layout(flat_state(loop), {k: v.shape for k, v in flat_state(scanned).items()}))
+    src, _ = batch(4)
+    greedy = np.asarray(greedy_decode(loop, src))
+    assert len(np.unique(greedy)) > 2
+    np.testing.assert_array_equal(greedy_decode(scanned, src), greedy)
+    np.testing.assert_array_equal(beam_search(scanned, src, 3), beam_search(loop, src, 3))
 
 
 def test_sinusoidal_positions_follow_the_paper():
