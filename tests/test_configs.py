@@ -50,3 +50,15 @@ def test_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     cfg = compose(["model=gpt2_small"])
     assert cfg.model.dtype == cfg.trainer.compute_dtype == default_compute_dtype()
     assert compose(["model=gpt2_small", "trainer.compute_dtype=bfloat16"]).model.dtype == "bfloat16"
+
+
+def test_runtime_switches_hand_convolutions_and_dots_to_eigen():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os; from train import runtime; runtime.apply(keep_freed_memory=False, ynn_conv_fusion_off=True, "
+            "compilation_cache=False, ynn_dot_fusion_off=True); print(os.environ['XLA_FLAGS'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert out.stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"

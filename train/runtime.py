@@ -29,13 +29,16 @@ def accelerator_installed() -> bool:
                                                       "jax_rocm60_plugin"))
 
 
-def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool) -> None:
+def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
+          ynn_dot_fusion_off: bool = False) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation."""
     if keep_freed_memory:
         retain_freed_memory()
-    if ynn_conv_fusion_off and not accelerator_installed():
-        flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-        if flag not in os.environ.get("XLA_FLAGS", ""):
+    # XLA CPU hands convolutions and dots to YNNPACK unless told otherwise; then Eigen computes them.
+    off = [kind for kind, switch in (("convolution", ynn_conv_fusion_off), ("dot", ynn_dot_fusion_off)) if switch]
+    if off and not accelerator_installed():
+        flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-individual_{kind}" for kind in off)
+        if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     if compilation_cache:
         import jax
