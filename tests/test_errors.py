@@ -81,3 +81,14 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     assert saved[-1] == good
     params = ocp.StandardCheckpointer().restore(tmp_path / "checkpoints" / str(good) / "state")["params"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model=resnet20", "model.scan_layers=true"], "model.scan_layers is not a setting of model=resnet20 (valid: "),
+    (["model=resnet20", "+model.scan_layers=true"],
+     "model.scan_layers is not an argument of models.resnet.ResNet (valid: stage_sizes, widths, "),
+    (["model=mamba", "data=bytes", "model.scan=nope"],
+     "unknown scan 'nope' (valid: associative, sequential, chunked, pallas)"),
+])
+def test_model_options_a_model_does_not_have(tmp_path, args, expected):
+    assert expected in one_line_error([*args, f"hydra.run.dir={tmp_path}"])

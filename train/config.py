@@ -44,6 +44,36 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(group_options(key))})")
 
 
+def check_model_keys(overrides: list[str]) -> None:
+    """One-line error for `model.KEY=VALUE` naming a key the chosen model config does not have."""
+    if any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        return  # a preset picks the model: Hydra's own check applies
+    choice = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "lenet")
+    if "," in choice or choice not in group_options("model"):
+        return
+    keys = set(OmegaConf.load(CONF_DIR / "model" / f"{choice}.yaml"))
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if sep and key.startswith("model.") and key.split(".")[1] not in keys:
+            raise ValueError(f"{key} is not a setting of model={choice} (valid: "
+                             f"{', '.join(sorted(k for k in keys if k != '_target_'))})")
+
+
+def check_model_arguments(model_cfg: DictConfig) -> None:
+    """One-line error for a model config key its class does not take (e.g. `+model.scan_layers=true` on a ResNet)."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    params = inspect.signature(get_class(model_cfg._target_).__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return
+    for key in model_cfg:
+        if key != "_target_" and key not in params:
+            valid = ", ".join(k for k in params if k not in ("self", "rngs"))
+            raise ValueError(f"model.{key} is not an argument of {model_cfg._target_} (valid: {valid})")
+
+
 def check_run_dir(overrides: list[str]) -> None:
     """One-line error when the run directory cannot be created (checked before Hydra tries to)."""
     target = next((o.split("=", 1)[1] for o in overrides if o.startswith("hydra.run.dir=")), "outputs")

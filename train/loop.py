@@ -28,7 +28,7 @@ import models  # noqa: F401  (sets nnx's sharding mode before any model is built
 from train import mesh as mesh_lib
 from train import pretrained
 from train.checkpoint import Checkpoints
-from train.config import check_missing
+from train.config import check_missing, check_model_arguments
 from train.preemption import NonFinite, Preempted, Preemption
 from train.profiling import Profile, check_profile
 from train.tasks import TASKS, metric_sums, summarize
@@ -78,6 +78,7 @@ def build(node: DictConfig, **kwargs):
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
     check_missing(cfg)
+    check_model_arguments(cfg.model)
     run_dir = Path(run_dir)
     check_writable(run_dir)
     saved_cfg = run_dir / ".hydra" / "config.yaml"  # `python -m train` writes it; `run(cfg, dir)` too, for scripts

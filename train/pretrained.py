@@ -93,7 +93,7 @@ def flat_weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _with_defaults(model_cfg: dict) -> dict:
     """The config with every constructor argument it leaves out at its default value, so that both spell it."""
-    params = inspect.signature(get_class(model_cfg["_target_"])).parameters.values()
+    params = inspect.signature(get_class(model_cfg["_target_"]).__init__).parameters.values()
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | model_cfg
 
 
