@@ -32,7 +32,7 @@ def model_config(hf: dict) -> dict:
             "max_len": hf.get("n_positions", 1024), "num_layers": hf.get("n_layer", 12), "d_model": d_model,
             "num_heads": hf.get("n_head", 12), "d_ff": hf.get("n_inner"), "dropout": 0.0,
             "tie_embeddings": True, "norm_eps": hf.get("layer_norm_epsilon", 1e-5), "remat": "none",
-            "dtype": "float32"}
+            "scan_layers": False, "dtype": "float32"}
 
 
 def hf_config(model_cfg: dict) -> dict:

@@ -102,7 +102,7 @@ def model_config(hf: dict) -> dict:
                          f"model_type {hf.get('model_type')!r}; reads {', '.join(ARCHITECTURES)})")
     sizes = _hf_sizes(hf) if _is_hf(hf) else _state_spaces_sizes(hf)
     return {"_target_": "models.mamba.MambaLM", **sizes, "selective": True, "scan": None, "chunk_size": 256,
-            "dtype": "float32"}
+            "remat": "none", "scan_layers": False, "dtype": "float32"}
 
 
 def _rows(model_cfg: dict) -> int:

@@ -54,7 +54,7 @@ def model_config(hf: dict) -> dict:
         "d_ff": hf["intermediate_size"],
         "num_classes": len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2),
         "in_channels": hf["num_channels"], "norm_eps": hf["layer_norm_eps"],
-        "activation": ACTIVATIONS[hf["hidden_act"]], "dtype": "float32",
+        "activation": ACTIVATIONS[hf["hidden_act"]], "remat": "none", "scan_layers": False, "dtype": "float32",
     }
 
 
