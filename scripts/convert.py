@@ -158,10 +158,7 @@ def import_checkpoint(src: Path, run_dir: Path) -> None:
     def fill(state: nnx.State) -> nnx.State:
         values = nnx.to_pure_dict(state)
         for path, _ in nnx.to_flat_state(state):
-            tree = values
-            for key in path[:-1]:
-                tree = tree[key]
-            tree[path[-1]] = np.asarray(flat[pretrained.path_name(path)], np.float32)
+            pretrained.set_leaf(values, path, np.asarray(flat[pretrained.path_name(path)], np.float32))
         nnx.replace_by_pure_dict(state, values)
         return state
 

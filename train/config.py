@@ -1,5 +1,6 @@
 """Config helpers: resolvers, early checks of the command line and of missing values, composition for scripts."""
 
+import inspect
 import math
 import os
 from pathlib import Path
@@ -59,13 +60,16 @@ def check_model_keys(overrides: list[str]) -> None:
                              f"{', '.join(sorted(k for k in keys if k != '_target_'))})")
 
 
-def check_model_arguments(model_cfg: DictConfig) -> None:
-    """One-line error for a model config key its class does not take (e.g. `+model.scan_layers=true` on a ResNet)."""
-    import inspect
-
+def model_parameters(target: str) -> dict[str, inspect.Parameter]:
+    """The constructor arguments of the model class `target` names (its config's `_target_`)."""
     from hydra.utils import get_class
 
-    params = inspect.signature(get_class(model_cfg._target_).__init__).parameters
+    return dict(inspect.signature(get_class(target).__init__).parameters)
+
+
+def check_model_arguments(model_cfg: DictConfig) -> None:
+    """One-line error for a model config key its class does not take (e.g. `+model.scan_layers=true` on a ResNet)."""
+    params = model_parameters(model_cfg._target_)
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return
     for key in model_cfg:

@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from train.checkpoint import Checkpoints
+from train.config import model_parameters
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def flat_weights(run_dir: Path) -> dict[str, np.ndarray]:
 
 def _with_defaults(model_cfg: dict) -> dict:
     """The config with every constructor argument it leaves out at its default value, so that both spell it."""
-    params = inspect.signature(get_class(model_cfg["_target_"]).__init__).parameters.values()
+    params = model_parameters(model_cfg["_target_"]).values()
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty} | model_cfg
 
 
@@ -144,7 +145,7 @@ def init_from(state: dict, run_dir: Path, exclude: list[str]) -> dict:
             if tuple(source[name].shape) != tuple(current.shape):
                 raise ValueError(f"trainer.init_from={run_dir}: {name} has shape {tuple(source[name].shape)} there "
                                  f"and {tuple(current.shape)} here (valid: the same model, or {fix})")
-            _set(tree, path, jax.device_put(np.asarray(source[name], current.dtype), current.sharding))
+            set_leaf(tree, path, jax.device_put(np.asarray(source[name], current.dtype), current.sharding))
     nnx.replace_by_pure_dict(state["params"], params)
     nnx.replace_by_pure_dict(state["model_state"], model_state)
     log.info("initialised from %s (step %d)", run_dir, newest_step(run_dir))
@@ -164,7 +165,8 @@ def _leaves(tree) -> list[tuple[tuple, object]]:
     return [((k, *p), v) for k, sub in tree.items() for p, v in _leaves(sub)]
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def set_leaf(tree: dict, path: tuple, value) -> None:
+    """Put `value` at `path` of a nested dict."""
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value

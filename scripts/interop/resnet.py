@@ -4,11 +4,10 @@ Both are torchvision's ResNet v1.5 (stride on the bottleneck's 3x3) with the 7x7
 `hidden_sizes` are each stage's output channels; archlab's `widths` the bottleneck widths (a quarter of those).
 """
 
-import json
-
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from scripts.interop import labels, layout_to_archlab, layout_to_hf, num_labels, reads_architecture, require
 
 ARCHITECTURES = ("ResNetForImageClassification",)
 
@@ -18,38 +17,20 @@ HF_DEFAULTS = {"num_channels": 3, "embedding_size": 64, "layer_type": "bottlenec
 EXPANSION = {"basic": 1, "bottleneck": 4}  # a block's output channels / its width
 CONVS = {"basic": 2, "bottleneck": 3}  # convolutions (each with its BatchNorm) in a block
 
-# Weight kind -> (archlab leaf, HF leaf, HF -> archlab, archlab -> HF) for each of its tensors.
-LEAVES = {
-    # torch Conv2d weight (O, I, kh, kw) <-> nnx Conv kernel (kh, kw, I, O)
-    "conv": [("kernel", "weight", lambda w: jnp.transpose(w, (2, 3, 1, 0)), lambda k: jnp.transpose(k, (3, 2, 0, 1)))],
-    "batchnorm": [("scale", "weight", jnp.asarray, jnp.asarray), ("bias", "bias", jnp.asarray, jnp.asarray),
-                  ("mean", "running_mean", jnp.asarray, jnp.asarray), ("var", "running_var", jnp.asarray, jnp.asarray)],
-    # torch Linear weight (out, in) <-> kernel (in, out)
-    "linear": [("kernel", "weight", jnp.transpose, jnp.transpose), ("bias", "bias", jnp.asarray, jnp.asarray)],
-}
-
 
 def reads(hf: dict) -> bool:
     """Whether this config.json describes a ResNet classifier."""
-    architectures = hf.get("architectures")
-    return bool(set(architectures) & set(ARCHITECTURES)) if architectures else hf.get("model_type") == "resnet"
-
-
-def require(hf: dict, key: str, supported: tuple) -> None:
-    """One-line error when config.json's `key` holds a value archlab's ResNet cannot express."""
-    if hf[key] not in supported:
-        raise ValueError(f"ResNet: config.json {key}: {json.dumps(hf[key])} is not supported "
-                         f"(supported: {', '.join(json.dumps(v) for v in supported)})")
+    return reads_architecture(hf, ARCHITECTURES, "resnet")
 
 
 def model_config(hf: dict) -> dict:
     """The archlab model config of a ResNetForImageClassification config.json."""
     hf = HF_DEFAULTS | hf
-    require(hf, "layer_type", tuple(EXPANSION))
-    require(hf, "hidden_act", ("relu",))
-    require(hf, "downsample_in_first_stage", (False,))
+    require("ResNet", hf, "layer_type", tuple(EXPANSION))
+    require("ResNet", hf, "hidden_act", ("relu",))
+    require("ResNet", hf, "downsample_in_first_stage", (False,))
     if hf["layer_type"] == "bottleneck":
-        require(hf, "downsample_in_bottleneck", (False,))
+        require("ResNet", hf, "downsample_in_bottleneck", (False,))
     expansion = EXPANSION[hf["layer_type"]]
     if any(size % expansion for size in hf["hidden_sizes"]):
         raise ValueError(f"ResNet: config.json hidden_sizes: {hf['hidden_sizes']} are not all divisible by "
@@ -57,7 +38,7 @@ def model_config(hf: dict) -> dict:
     return {
         "_target_": "models.resnet.ResNet", "stage_sizes": list(hf["depths"]),
         "widths": [size // expansion for size in hf["hidden_sizes"]], "block": hf["layer_type"], "stem": "imagenet",
-        "num_classes": len(hf["id2label"]) if "id2label" in hf else hf.get("num_labels", 2),
+        "num_classes": num_labels(hf),
         "in_channels": hf["num_channels"], "stem_width": hf["embedding_size"], "dtype": "float32",
     }
 
@@ -65,15 +46,12 @@ def model_config(hf: dict) -> dict:
 def hf_config(model_cfg: dict) -> dict:
     """The config.json of an archlab ResNet, exported as a ResNetForImageClassification."""
     check_stem(model_cfg)
-    labels = [f"LABEL_{i}" for i in range(model_cfg["num_classes"])]
     return {
         "architectures": list(ARCHITECTURES), "model_type": "resnet", "num_channels": model_cfg.get("in_channels", 3),
         "embedding_size": model_cfg.get("stem_width") or model_cfg["widths"][0],
         "hidden_sizes": [w * EXPANSION[model_cfg["block"]] for w in model_cfg["widths"]],
         "depths": list(model_cfg["stage_sizes"]), "layer_type": model_cfg["block"], "hidden_act": "relu",
-        "downsample_in_first_stage": False, "downsample_in_bottleneck": False,
-        "id2label": {str(i): label for i, label in enumerate(labels)},
-        "label2id": {label: i for i, label in enumerate(labels)},
+        "downsample_in_first_stage": False, "downsample_in_bottleneck": False, **labels(model_cfg["num_classes"]),
     }
 
 
@@ -86,7 +64,7 @@ def check_stem(model_cfg: dict) -> None:
 def layout(model_cfg: dict) -> list[tuple[str, str, str]]:
     """(archlab path, HF name, weight kind) of every weight of the ResNet `model_cfg` describes."""
     check_stem(model_cfg)
-    rows = [("stem.conv", "resnet.embedder.embedder.convolution", "conv"),
+    rows = [("stem.conv", "resnet.embedder.embedder.convolution", "conv_no_bias"),
             ("stem.norm", "resnet.embedder.embedder.normalization", "batchnorm")]
     expansion = EXPANSION[model_cfg["block"]]
     c_in = model_cfg.get("stem_width") or model_cfg["widths"][0]
@@ -94,10 +72,10 @@ def layout(model_cfg: dict) -> list[tuple[str, str, str]]:
         for j in range(n_blocks):
             ours, theirs = f"stages.{i}.{j}", f"resnet.encoder.stages.{i}.layers.{j}"
             for k in range(CONVS[model_cfg["block"]]):
-                rows += [(f"{ours}.conv{k + 1}", f"{theirs}.layer.{k}.convolution", "conv"),
+                rows += [(f"{ours}.conv{k + 1}", f"{theirs}.layer.{k}.convolution", "conv_no_bias"),
                          (f"{ours}.norm{k + 1}", f"{theirs}.layer.{k}.normalization", "batchnorm")]
             if (i > 0 and j == 0) or c_in != width * expansion:
-                rows += [(f"{ours}.shortcut.conv", f"{theirs}.shortcut.convolution", "conv"),
+                rows += [(f"{ours}.shortcut.conv", f"{theirs}.shortcut.convolution", "conv_no_bias"),
                          (f"{ours}.shortcut.norm", f"{theirs}.shortcut.normalization", "batchnorm")]
             c_in = width * expansion
     return rows + [("head", "classifier.1", "linear")]
@@ -105,23 +83,11 @@ def layout(model_cfg: dict) -> list[tuple[str, str, str]]:
 
 def to_archlab(weights: dict[str, jax.Array], hf: dict) -> dict[str, jax.Array]:
     """HF tensors -> archlab flat state (BatchNorm's num_batches_tracked is a training counter: dropped)."""
-    flat = {}
-    for ours, theirs, kind in layout(model_config(hf)):
-        for our_leaf, their_leaf, to_ours, _ in LEAVES[kind]:
-            name = f"{theirs}.{their_leaf}"
-            if name not in weights:
-                raise ValueError(f"ResNet: the checkpoint has no tensor {name} ({len(weights)} tensors, "
-                                 f"config.json says depths {hf['depths']})")
-            flat[f"{ours}.{our_leaf}"] = to_ours(weights[name])
-    return flat
+    return layout_to_archlab("ResNet", weights, layout(model_config(hf)), f"config.json says depths {hf['depths']}")
 
 
 def to_hf(state: dict[str, jax.Array], model_cfg: dict) -> dict[str, jax.Array]:
     """archlab flat state -> HF tensors, with the zero num_batches_tracked torch's strict loading expects."""
-    weights = {}
-    for ours, theirs, kind in layout(model_cfg):
-        for our_leaf, their_leaf, _, to_theirs in LEAVES[kind]:
-            weights[f"{theirs}.{their_leaf}"] = to_theirs(state[f"{ours}.{our_leaf}"])
-        if kind == "batchnorm":
-            weights[f"{theirs}.num_batches_tracked"] = np.zeros((), np.int64)
-    return weights
+    counters = {f"{theirs}.num_batches_tracked": np.zeros((), np.int64)
+                for _, theirs, kind in layout(model_cfg) if kind == "batchnorm"}
+    return layout_to_hf(state, layout(model_cfg)) | counters
