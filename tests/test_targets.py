@@ -90,6 +90,9 @@ def test_crafted_run_directory_is_refused_by_every_script_that_reads_it(run_dir,
     (lambda cfg, v: (setattr(cfg, "reader", "builtins.open"),
                      setattr(cfg, "data", {**open_for_writing(v), "_target_": "${reader}"})),
      {}, "data._target_", "builtins.open"),
+    (lambda cfg, v: OmegaConf.update(cfg, "model.activation",  # a string that a resolver decodes into a node
+                                     f'${{oc.decode:"{{_target_: builtins.open, _args_: [{v}, w]}}"}}'),
+     {}, "model.activation._target_", "builtins.open"),
     (lambda cfg, v: setattr(cfg, "data", {"_target_": ["builtins.open"]}),  # not a string
      {}, "data._target_", "['builtins.open']"),
 ])

@@ -84,7 +84,10 @@ def _walk(node: DictConfig | ListConfig, path: str, seen: set[int]) -> None:
             continue  # instantiate fails on it too, before it calls anything
         if k == "_target_":
             check_target(value, key)
-        elif isinstance(value, (DictConfig, ListConfig)):
+            continue
+        if isinstance(value, (dict, list)):  # a resolver's result (`oc.decode`): instantiate builds from it too
+            value = OmegaConf.create(value, parent=node, flags={"allow_objects": True})
+        if isinstance(value, (DictConfig, ListConfig)):
             _walk(value, key, seen)
 
 
