@@ -127,17 +127,17 @@ def timed(fn) -> float:
 def torch_worker(overrides: list[str], compiled: bool) -> None:
     """The PyTorch twin, trained as a PyTorch user writes the loop; windows of `run N` steps on command."""
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
     from scripts.torch_twins import to_torch, train_loss, twin
+    from train import targets
     from train.config import compose
 
     cfg = compose(overrides)
     tc, task = cfg.trainer, cfg.data.task
     torch.manual_seed(tc.seed)
-    dataset = instantiate(cfg.data, _convert_="all")
+    dataset = targets.instantiate(cfg.data, _convert_="all")
     model = twin(OmegaConf.to_container(cfg.model, resolve=True))
     model.train()
     optimizer, schedule = torch_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), tc.steps)

@@ -25,12 +25,11 @@ from types import ModuleType
 import jax
 import numpy as np
 from flax import nnx
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from scripts.interop import flat_state
 from train import config as _config
-from train import pretrained
+from train import pretrained, targets
 from train.checkpoint import Checkpoints
 
 log = logging.getLogger("convert")
@@ -148,7 +147,7 @@ def import_checkpoint(src: Path, run_dir: Path) -> None:
     hf = json.loads((src / "config.json").read_text())
     interop = family_of(hf, src)
     model_cfg = interop.model_config(hf)
-    model = nnx.eval_shape(lambda: instantiate(model_cfg, _convert_="all", rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: targets.instantiate(model_cfg, _convert_="all", rngs=nnx.Rngs(0)))
     expected = jax.eval_shape(lambda s: interop.to_hf(s, model_cfg), flat_state(model))
     tensors = read_tensors(src)
     tensors = interop.canonical(tensors, hf) if hasattr(interop, "canonical") else tensors

@@ -25,6 +25,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from models.resnet import BasicBlock, Bottleneck, ResNet
+from train import targets
 from train.config import check_group_choices
 
 KINDS = ("attention", "feed-forward", "embedding", "norm", "other")
@@ -41,7 +42,7 @@ def abstract_model(model_cfg: DictConfig) -> tuple[nnx.Module, list[str]]:
     names: list[str] = []
 
     def build() -> nnx.Module:
-        model = hydra.utils.instantiate(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
+        model = targets.instantiate(model_cfg, rngs=nnx.Rngs(params=0, dropout=1))
         names.extend(vars(model))
         return model
 
@@ -257,6 +258,8 @@ def main(cfg: DictConfig) -> None:
         table = model_table(cfg)
     except InstantiationException as e:  # a shape contradiction in the config, named in one line by the model
         sys.exit(f"error: {e.__cause__ or e}")
+    except ValueError as e:  # a target that is not allowed
+        sys.exit(f"error: {e}")
     path = Path(HydraConfig.get().runtime.output_dir) / "model_table.json"
     path.write_text(json.dumps(table, indent=1))
     print(f"wrote {path}")
@@ -276,7 +279,10 @@ def describe_run(run_dir: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and Path(sys.argv[1]).is_dir():  # python scripts/model_table.py RUN_DIR
-        describe_run(Path(sys.argv[1]))
+        try:
+            describe_run(Path(sys.argv[1]))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
         sys.exit()
     try:
         check_group_choices(sys.argv[1:])

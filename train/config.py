@@ -3,9 +3,12 @@
 import inspect
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from train import targets
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -28,21 +31,44 @@ if not OmegaConf.has_resolver("default_compute_dtype"):
     OmegaConf.register_new_resolver("default_compute_dtype", lambda: default_compute_dtype())
 
 
-def group_options(group: str) -> list[str]:
-    """The options of config group `group` (e.g. model -> lenet, mlp, ...)."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+def config_dirs(args: list[str]) -> list[Path] | None:
+    """conf/ and the config folders the command line adds (`--config-dir DIR`, `hydra.searchpath=[file://DIR]`),
+    in Hydra's order; None when options may come from elsewhere too (`--config-path`, a `pkg://` search path)."""
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config-dir", "-cd") and (eq or i + 1 < len(args)):
+            dirs.append(Path(value if eq else args[i + 1]))
+        elif flag in ("--config-path", "-cp", "--config-name", "-cn"):
+            return None  # another primary config, which may set its own hydra.searchpath
+        elif flag.lstrip("+") == "hydra.searchpath":
+            for entry in value.strip("[]").split(","):
+                scheme, _, path = entry.strip().strip("'\"").rpartition("://")
+                if scheme not in ("", "file"):
+                    return None
+                dirs.append(Path(path))
+    return dirs
+
+
+def group_options(group: str, dirs: Sequence[Path] = (CONF_DIR,)) -> list[str]:
+    """The options of config group `group` (e.g. model -> lenet, mlp, ...) in the config folders `dirs`."""
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
 
 
 def check_group_choices(overrides: list[str]) -> None:
-    """One-line error for `group=option` overrides naming an option that does not exist."""
-    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    """One-line error for `group=option` overrides naming an option that does not exist in any config folder."""
+    dirs = config_dirs(overrides)
+    if dirs is None:
+        return  # Hydra's own check applies
+    groups = {p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()}
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or key not in groups:
             continue
+        options = group_options(key, dirs)
         for option in value.split(","):  # a multirun sweeps comma-separated options
-            if option and option not in group_options(key):
-                raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(group_options(key))})")
+            if option and option not in options:
+                raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(options)})")
 
 
 def check_model_keys(overrides: list[str]) -> None:
@@ -50,9 +76,10 @@ def check_model_keys(overrides: list[str]) -> None:
     if any(o.lstrip("+").startswith("experiment=") for o in overrides):
         return  # a preset picks the model: Hydra's own check applies
     choice = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "lenet")
-    if "," in choice or choice not in group_options("model"):
+    files = [d / "model" / f"{choice}.yaml" for d in config_dirs(overrides) or []]
+    if "," in choice or not any(f.is_file() for f in files):
         return
-    keys = set(OmegaConf.load(CONF_DIR / "model" / f"{choice}.yaml"))
+    keys = set(OmegaConf.load(next(f for f in files if f.is_file())))
     for override in overrides:
         key, sep, _ = override.partition("=")
         if sep and key.startswith("model.") and key.split(".")[1] not in keys:
@@ -64,6 +91,7 @@ def model_parameters(target: str) -> dict[str, inspect.Parameter]:
     """The constructor arguments of the model class `target` names (its config's `_target_`)."""
     from hydra.utils import get_class
 
+    targets.check_target(target, "model._target_")
     return dict(inspect.signature(get_class(target).__init__).parameters)
 
 

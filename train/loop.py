@@ -20,13 +20,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from train import mesh as mesh_lib
-from train import pretrained
+from train import pretrained, targets
 from train.checkpoint import Checkpoints
 from train.config import check_missing, check_model_arguments
 from train.preemption import NonFinite, Preempted, Preemption
@@ -66,9 +65,9 @@ class Experiment:
 
 
 def build(node: DictConfig, **kwargs):
-    """`hydra.utils.instantiate`, letting a constructor's own ValueError / OSError through as it was raised."""
+    """`targets.instantiate`, letting a constructor's own ValueError / OSError through as it was raised."""
     try:
-        return instantiate(node, _convert_="all", **kwargs)
+        return targets.instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as e:
         if isinstance(e.__cause__, (ValueError, OSError)):
             raise e.__cause__ from None
@@ -78,6 +77,7 @@ def build(node: DictConfig, **kwargs):
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
     check_missing(cfg)
+    targets.check(cfg)  # before anything is built or opened: a config must not run code
     check_model_arguments(cfg.model)
     run_dir = Path(run_dir)
     check_writable(run_dir)

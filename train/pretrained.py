@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from train import targets
 from train.checkpoint import Checkpoints
 from train.config import model_parameters
 
@@ -28,12 +28,14 @@ RUN_ONLY_KEYS = {"dropout", "remat", "scan", "chunk_size", "dtype", "num_classes
 
 
 def run_config(run_dir: Path) -> DictConfig:
-    """The composed config a run directory was written with (`<run_dir>/.hydra/config.yaml`)."""
+    """The composed config a run directory was written with (`<run_dir>/.hydra/config.yaml`), its targets checked."""
     config_file = Path(run_dir) / ".hydra" / "config.yaml"
     if not config_file.exists():
         raise ValueError(f"{config_file} not found: {run_dir} is not a run directory (valid: a directory written "
                          f"by python -m train or scripts/convert.py import)")
-    return OmegaConf.load(config_file)
+    cfg = OmegaConf.load(config_file)
+    targets.check(cfg)
+    return cfg
 
 
 def newest_step(run_dir: Path) -> int:
@@ -58,7 +60,7 @@ def read_weights(run_dir: Path, params: nnx.State, batch_stats: nnx.State) -> tu
 def load_model(run_dir: Path) -> tuple[DictConfig, nnx.Module]:
     """A run's config and its eval-mode model holding the newest checkpoint's weights (nothing is initialised)."""
     cfg = run_config(run_dir)
-    model = nnx.eval_shape(lambda: instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1)))
+    model = nnx.eval_shape(lambda: targets.instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1)))
     graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
     params, batch_stats = read_weights(run_dir, params, batch_stats)
     rest = jax.tree.map(_placeholder, rest)  # RNG keys and counters: eval mode draws no random numbers
@@ -87,7 +89,7 @@ def check_same_model(source: dict, model_cfg: dict, run_dir: Path) -> None:
 def flat_weights(run_dir: Path) -> dict[str, np.ndarray]:
     """The newest checkpoint's parameters and batch statistics by dotted path ("blocks.0.attn.query.kernel")."""
     cfg = run_config(run_dir)
-    model = nnx.eval_shape(lambda: instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1)))
+    model = nnx.eval_shape(lambda: targets.instantiate(cfg.model, _convert_="all", rngs=nnx.Rngs(params=0, dropout=1)))
     params, batch_stats = read_weights(run_dir, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
     return {path_name(p): v for tree in (params, batch_stats) for p, v in _leaves(tree)}
 
