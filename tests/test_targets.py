@@ -18,7 +18,7 @@ from train.config import check_group_choices, compose, group_options
 
 TINY = ["model=mlp", "model.hidden=[8]", "data=digits", "trainer.steps=2", "trainer.eval_every=2",
         "trainer.log_every=1", "checkpoint.every=2", "trainer.batch_size=16", "trainer.eval_batch_size=16"]
-REFUSED = "is not allowed (valid: a callable defined in models., data., train. or in your own package, with " \
+REFUSED = "is not allowed (valid: a callable defined in models., data., train.optim. or in your own package, with " \
           "ARCHLAB_TARGETS=mypkg in the environment)"
 NO_OPT_IN = {"ARCHLAB_TARGETS": ""}
 
@@ -112,11 +112,10 @@ def test_crafted_variants_are_refused_before_anything_is_opened(run_dir, tmp_pat
 def test_a_path_through_an_allowed_module_to_a_callable_defined_elsewhere_is_refused(run_dir, tmp_path, victim,
                                                                                      monkeypatch):
     monkeypatch.setenv("ARCHLAB_TARGETS", "")
-    truncate = os.O_WRONLY | os.O_TRUNC
     shared = crafted(run_dir, tmp_path, lambda cfg: setattr(
-        cfg, "data", {"_target_": "train.loop.os.open", "_args_": [str(victim), truncate]}))
+        cfg, "data", {"_target_": "data.text.np.savetxt", "_args_": [str(victim), [0]]}))
     before = victim.read_bytes()
-    with pytest.raises(SystemExit, match=r"^error: data._target_=train.loop.os.open is not allowed: it is posix.open"):
+    with pytest.raises(SystemExit, match=r"^error: data._target_=data.text.np.savetxt is not allowed: it is numpy.savetxt"):
         load(shared)
     assert victim.read_bytes() == before
 
@@ -222,7 +221,7 @@ def test_opt_in_matches_whole_package_names_and_what_the_name_reaches(user_proje
     monkeypatch.setenv("ARCHLAB_TARGETS", "mypkg")
     targets.check({"model": {"_target_": "mypkg.model.Tiny"}})
     with pytest.raises(ValueError, match=r"^model._target_=mypkgs.model.Tiny is not allowed \(valid: a callable "
-                                         r"defined in models., data., train., mypkg. \(ARCHLAB_TARGETS=mypkg\)\)$"):
+                                         r"defined in models., data., train.optim., mypkg. \(ARCHLAB_TARGETS=mypkg\)\)$"):
         targets.check({"model": {"_target_": "mypkgs.model.Tiny"}})
     with pytest.raises(ValueError, match=r"^model._target_=mypkg.model.jnp.tanh is not allowed: it is jax"):
         targets.check({"model": {"_target_": "mypkg.model.jnp.tanh"}})
