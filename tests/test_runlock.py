@@ -1,5 +1,6 @@
 """One run per run directory: a second run on a live run's directory stops at once; `kill -9` frees it."""
 
+import os
 import re
 import socket
 import subprocess
@@ -49,6 +50,21 @@ def test_second_run_stops_at_once_naming_the_holder_and_a_killed_holder_frees_th
     rerun = run_cli([*ARGS[:2], f"trainer.steps={last + 100}", *ARGS[3:], f"hydra.run.dir={tmp_path}"])
     assert re.search(r"resumed from step \d+", rerun.stdout + rerun.stderr), rerun.stdout + rerun.stderr
     assert checkpoint_steps(tmp_path)[-1] == last + 100
+
+
+def test_the_default_run_dir_is_locked_before_hydra_writes_into_it(tmp_path):
+    """Without hydra.run.dir the directory comes from ${hydra:...} interpolations: resolved and locked first."""
+    run_dir = tmp_path / "outputs" / "mlp-digits" / "trainer.steps=5"
+    lock = runlock.acquire(run_dir, 0)  # this test process is the live run
+    try:
+        proc = subprocess.run([sys.executable, "-m", "train", "model=mlp", "trainer.steps=5"], cwd=tmp_path,
+                              env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    finally:
+        runlock.release(lock)
+    assert proc.returncode != 0
+    assert proc.stderr.startswith(f"error: outputs/mlp-digits/trainer.steps=5 is in use by another run (pid "
+                                  f"{os.getpid()} on host "), proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock.0"]
 
 
 HOLD = """

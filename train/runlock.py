@@ -10,13 +10,15 @@ import datetime
 import fcntl
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-_held: dict[Path, int] = {}  # lock file -> open descriptor, for the locks this process holds
+_held: dict[Path, int | None] = {}  # lock file -> open descriptor, for the locks this process holds
 
 
 class RunDirInUse(ValueError):
@@ -48,6 +50,12 @@ def acquire(run_dir: str | Path, process_index: int) -> Path | None:
         os.close(fd)
         raise RunDirInUse(f"{run_dir} is in use by another run ({holder}); "
                           f"wait for it or pick another hydra.run.dir") from None
+    except OSError as e:  # a filesystem without flock (some FUSE mounts): run, but say what is not guarded
+        os.close(fd)
+        print(f"warning: cannot lock {path} ({e.strerror}); a second run in {run_dir} would not be stopped",
+              file=sys.stderr)
+        _held[path] = None  # said once for this process
+        return path
     since = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {since}\n".encode(), 0)
@@ -76,7 +84,8 @@ def _close_in_child() -> None:
     # A forked child shares the open lock files; closing its copies (never LOCK_UN, which would release the
     # parent's lock) keeps a child that outlives a killed run from holding the directory.
     for fd in _held.values():
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     _held.clear()
 
 
@@ -104,6 +113,7 @@ class LockRunDir(Callback):
         index = process_index_before_start(config)
         if index is None:
             return  # locked in train/__main__ once JAX knows the index; Hydra's files are written before that
+        HydraConfig.instance().set_config(config)  # hydra.run.dir's ${hydra:...} read it; Hydra sets it next anyway
         try:
             acquire(config.hydra.run.dir, index)
         except (ValueError, OSError) as e:
