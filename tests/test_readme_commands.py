@@ -1,4 +1,4 @@
-"""The README's `tensorboard --logdir outputs` works after `pip install -e .` and serves a real run's scalars."""
+"""Commands the README gives work after its setup (`pip install -e .`), run as it writes them."""
 
 import json
 import socket
@@ -9,6 +9,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+import tensorflow_datasets as tfds
 
 from tests.conftest import run_cli
 from train.writers import read_metrics
@@ -46,3 +48,11 @@ def test_tensorboard_serves_the_scalars_of_a_run(tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert [(step, round(value, 5)) for _, step, value in served] == [(s, round(v, 5)) for s, v in logged]
+
+
+def test_tfds_digits_command_builds_the_dataset(tmp_path):
+    """`python -m data.tfds_digits --data_dir DIR`: TFDS finds its builder's files although it runs as __main__."""
+    proc = run_cli(["--data_dir", str(tmp_path)], module="data.tfds_digits")
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "digits_tfds" / "1.0.0")
+    info = tfds.builder("digits_tfds", data_dir=str(tmp_path)).info
+    assert (info.splits["train"].num_examples, info.splits["test"].num_examples) == (1438, 359)
