@@ -16,6 +16,7 @@ class DigitsTfds(tfds.core.GeneratorBasedBuilder):
     """The 1,797 scikit-learn digits at 28x28 as a TFDS dataset with a seeded 80/20 train/test split."""
 
     VERSION = tfds.core.Version("1.0.0")
+    pkg_dir_path = tfds.core.Path(__file__).parent  # TFDS would look it up by module name, `__main__` under -m
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({

@@ -12,6 +12,7 @@ Writes induction_heads.md / .json and the accuracy-vs-length plot induction_head
 """
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ PAPER = "Mamba: 100% at every length 2^6 .. 2^20; MHA-Abs: 100% at 256, fails be
 
 def main(overrides: list[str]) -> None:
     runtime.apply(**compose(overrides).runtime)  # as python -m train
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")  # the run's log lines, as Hydra's
     from train.loop import run  # after the runtime settings: they must precede JAX's start-up
 
     results = {}

@@ -11,6 +11,7 @@ The table (selective_copy.md, .json) and the accuracy curves (selective_copy.png
 """
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ OUT = Path("outputs/selective_copy")
 
 def main(overrides: list[str]) -> None:
     runtime.apply(**compose(overrides).runtime)  # as python -m train
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")  # the run's log lines, as Hydra's
     from train.loop import run  # after the runtime settings: they must precede JAX's start-up (2x faster here)
 
     rows, curves = [], {}

@@ -11,25 +11,30 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from train import config, runtime
+from train import config, runlock, runtime
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
     runtime.apply(**cfg.runtime)
+    import jax
     from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
     from train.preemption import NonFinite
 
     mesh.initialize_distributed(**cfg.distributed)
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        exp = loop.setup(cfg, HydraConfig.get().runtime.output_dir)
+        lock = runlock.acquire(run_dir, jax.process_index())  # held already unless a sweep's job or a TPU pod
+        exp = loop.setup(cfg, run_dir)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     try:
         metrics = loop.train(exp)
     except NonFinite as e:
         sys.exit(f"error: {e}")
+    finally:
+        runlock.release(lock)
     return metrics[cfg.trainer.objective]
 
 

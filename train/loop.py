@@ -25,13 +25,13 @@ from tqdm import tqdm
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from train import mesh as mesh_lib
-from train import pretrained, targets
+from train import pretrained, runlock, targets
 from train.checkpoint import Checkpoints
 from train.config import check_missing, check_model_arguments
 from train.preemption import NonFinite, Preempted, Preemption
 from train.profiling import Profile, check_profile
 from train.tasks import TASKS, metric_sums, summarize
-from train.writers import MetricWriter, plot_curves
+from train.writers import MetricWriter, plot_curves, progress_line
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
@@ -313,8 +313,9 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     input_wait, t0 = 0.0, time.perf_counter()
     eval_metrics: dict[str, float] = {}
     last_saved = start
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main, dynamic_ncols=True,
-               mininterval=0.5 if sys.stderr.isatty() else 30.0)
+    plain = is_main and not sys.stderr.isatty()  # Slurm, nohup, CI, `> log 2>&1`: a line per window, no redraws
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main or plain,
+               dynamic_ncols=True, mininterval=0.5)
     try:
         with Preemption() as preemption, ThreadPoolExecutor(1) as prefetch:
             # Batches load PREFETCH steps ahead in a thread: with asynchronous dispatch the loop runs ahead of
@@ -363,6 +364,8 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                         bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", steps_s=f"{rate:.1f}",
                                         ex_s=f"{rate * tc.batch_size:.0f}")
                     writer.write(done, metrics)
+                    if plain:
+                        log.info(progress_line(done, tc.steps, metrics))
                     if on_log is not None:
                         on_log(done, metrics)
                     window, window_start, timed_from, input_wait, t0 = [], done, done, 0.0, time.perf_counter()
@@ -370,7 +373,8 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
                     writer.write(done, eval_metrics)
                     if is_main:
-                        bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                        (log.info if plain else bar.write)(
+                            f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done
@@ -417,5 +421,9 @@ def unusable(checkpoints: Checkpoints, step: int, error: Exception) -> None:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, float]:
-    """Set up and train: the whole of `python -m train` but the command line."""
-    return train(setup(cfg, run_dir))
+    """Set up and train: the whole of `python -m train` but the command line (and holding its run directory)."""
+    lock = runlock.acquire(run_dir, jax.process_index())
+    try:
+        return train(setup(cfg, run_dir))
+    finally:
+        runlock.release(lock)

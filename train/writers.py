@@ -1,5 +1,6 @@
 """Where metrics go: metrics.jsonl (one JSON object per line), TensorBoard events, and curves.png."""
 
+import datetime
 import json
 from pathlib import Path
 
@@ -35,6 +36,16 @@ class MetricWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    """One plain log line for a window, where a terminal would show the progress bar: step, loss, rates, ETA."""
+    parts = [f"loss {metrics['train/loss']:.4f}"]
+    rate = metrics.get("train/steps_per_sec")
+    if rate:  # absent for a window of the compiling first step alone
+        eta = datetime.timedelta(seconds=round((total - step) / rate))
+        parts += [f"{rate:.1f} steps/s", f"{metrics['train/examples_per_sec']:.0f} examples/s", f"ETA {eta}"]
+    return f"step {step}/{total}: " + ", ".join(parts)
 
 
 def read_metrics(path: Path) -> list[dict]:
