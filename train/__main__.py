@@ -18,11 +18,13 @@ from train import config, runtime
 def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
     runtime.apply(**cfg.runtime)
-    from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
+    from jax.errors import JaxRuntimeError
+
+    from train import hosts, loop, mesh  # imported here so the runtime settings precede JAX's start-up
     from train.preemption import NonFinite
 
-    mesh.initialize_distributed(**cfg.distributed)
     try:
+        mesh.initialize_distributed(**cfg.distributed)
         exp = loop.setup(cfg, HydraConfig.get().runtime.output_dir)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
@@ -30,6 +32,9 @@ def main(cfg: DictConfig) -> float:
         metrics = loop.train(exp)
     except NonFinite as e:
         sys.exit(f"error: {e}")
+    except JaxRuntimeError:
+        hosts.await_loss()  # a collective failed: when a process was lost, the watchdog names it and exits
+        raise
     return metrics[cfg.trainer.objective]
 
 
