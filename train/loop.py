@@ -77,9 +77,9 @@ def build(node: DictConfig, **kwargs):
 
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
-    check_model_reads_data(cfg)  # first: it names what a model config interpolates from the data config
-    check_missing(cfg)
     targets.check(cfg)  # before anything is built or opened: a config must not run code
+    check_model_reads_data(cfg)  # before check_missing, which would stop at the first value the data lacks
+    check_missing(cfg)
     check_model_arguments(cfg.model)
     run_dir = Path(run_dir)
     check_writable(run_dir)
