@@ -9,6 +9,7 @@
 """
 
 import functools
+import math
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -70,10 +71,13 @@ class HFTokenizer:
     def __init__(self, file: str | Path):
         from tokenizers import Tokenizer
 
-        file = Path(file).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"tokenizer {file} not found (valid: a tokenizer.json file, or null for bytes)")
-        self.tokenizer = Tokenizer.from_file(str(file))
+        valid = "a Hugging Face tokenizer.json, or null for bytes"
+        path = readable_file(file, "data.tokenizer", valid)
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001  (the Rust parser raises a bare Exception)
+            raise ValueError(f"data.tokenizer={file} is not a tokenizer.json ({str(e).splitlines()[0][:120]}) "
+                             f"(valid: {valid})") from None
         self.vocab_size = self.tokenizer.get_vocab_size()
 
     def encode(self, text: str) -> np.ndarray:
@@ -105,6 +109,43 @@ def stdlib_sources() -> bytes:
     return b"".join(f.read_bytes() for f in files)
 
 
+TEXT_VALID = "a text file, or null for the standard library's .py sources"
+
+
+def readable_file(path: str | Path, key: str = "data.path", valid: str = TEXT_VALID) -> Path:
+    """The file a config key names, opened once to check it; a one-line error naming the key when it cannot be."""
+    if not str(path).strip():
+        raise ValueError(f"{key} is empty (valid: {valid})")
+    file = Path(path).expanduser()
+    try:
+        with file.open("rb"):
+            return file
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{key}={path}: no such file (valid: {valid})") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{key}={path} is a directory (valid: {valid})") from None
+    except PermissionError:
+        raise PermissionError(f"{key}={path} is not readable: permission denied (valid: {valid})") from None
+    except OSError as e:
+        raise OSError(f"{key}={path} cannot be read: {e.strerror} (valid: {valid})") from None
+
+
+def check_length(length: int, unit: str, path: str | None, seq_len: int, val_fraction: float) -> None:
+    """One-line error when a text of `length` tokens leaves a split shorter than one window of seq_len + 1."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction={val_fraction} is not in (0, 1)")
+    window = seq_len + 1
+    need = max(math.ceil(window / val_fraction), math.ceil(window / (1.0 - val_fraction)))
+    while min(int(need * val_fraction), need - int(need * val_fraction)) < window:
+        need += 1
+    num_val = int(length * val_fraction)
+    if min(num_val, length - num_val) < window:
+        source = f"data.path={path}" if path is not None else "the standard library's sources"
+        raise ValueError(f"{source} holds {length:,} {unit}, fewer than the {need:,} that data.seq_len={seq_len} "
+                         f"and data.val_fraction={val_fraction} need (valid: a longer text, a shorter data.seq_len "
+                         f"or a larger data.val_fraction)")
+
+
 def random_windows(stream: np.ndarray, length: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """`batch_size` windows of `length` tokens at uniformly random offsets of `stream`: (B, length)."""
     starts = rng.integers(0, len(stream) - length + 1, size=batch_size)
@@ -118,13 +159,10 @@ class ByteCorpus:
 
     def __init__(self, path: str | None = None, seq_len: int = 256, val_fraction: float = 0.01,
                  eval_windows: int = 256, seed: int = 0, **metadata):
-        text = stdlib_sources() if path is None else Path(path).expanduser().read_bytes()
+        text = stdlib_sources() if path is None else readable_file(path).read_bytes()  # any bytes
         data = np.frombuffer(text, np.uint8)
+        check_length(len(data), "bytes", path, seq_len, val_fraction)
         num_val = int(len(data) * val_fraction)
-        if not 0.0 < val_fraction < 1.0 or min(num_val, len(data) - num_val) < seq_len + 1:
-            raise ValueError(f"bytes: {len(data)} bytes with val_fraction {val_fraction} leave a split shorter "
-                             f"than seq_len + 1 = {seq_len + 1} (use a longer text, a shorter seq_len or another "
-                             f"val_fraction in (0, 1))")
         self.train, self.val = data[:-num_val], data[-num_val:]
         self.seq_len, self.eval_windows, self.seed = seq_len, eval_windows, seed
         self.tokenizer = ByteTokenizer()
@@ -165,24 +203,26 @@ class TextCorpus(ByteCorpus):
     def __init__(self, tokenizer: str | None = None, path: str | None = None, seq_len: int = 256,
                  val_fraction: float = 0.01, eval_windows: int = 256, seed: int = 0, **metadata):
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"text: val_fraction {val_fraction} is not in (0, 1)")
+            raise ValueError(f"data.val_fraction={val_fraction} is not in (0, 1)")
         self.tokenizer = ByteTokenizer() if tokenizer is None else HFTokenizer(tokenizer)
         self.path, self.val_fraction = path, val_fraction
         self.seq_len, self.eval_windows, self.seed = seq_len, eval_windows, seed
 
     @functools.cached_property
     def _splits(self) -> tuple[np.ndarray, np.ndarray]:
-        text = stdlib_sources() if self.path is None else Path(self.path).expanduser().read_bytes()
-        lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+        text = stdlib_sources() if self.path is None else readable_file(self.path).read_bytes()
+        try:
+            lines = text.decode("utf-8").splitlines(keepends=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"data.path={self.path} is not UTF-8 text (byte {e.start:,} is {text[e.start]:#04x}) "
+                             f"(valid: a UTF-8 text file; data=bytes reads any file's bytes)") from None
         if isinstance(self.tokenizer, HFTokenizer):
             ids = [np.array(e.ids, np.int32) for e in self.tokenizer.tokenizer.encode_batch(lines)]
         else:
             ids = [self.tokenizer.encode(line) for line in lines]
         tokens = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+        check_length(len(tokens), "tokens", self.path, self.seq_len, self.val_fraction)
         num_val = int(len(tokens) * self.val_fraction)
-        if min(num_val, len(tokens) - num_val) < self.seq_len + 1:
-            raise ValueError(f"text: {len(tokens)} tokens with val_fraction {self.val_fraction} leave a split shorter "
-                             f"than seq_len + 1 = {self.seq_len + 1} (use a longer text or a shorter seq_len)")
         return tokens[:-num_val], tokens[-num_val:]
 
     @property

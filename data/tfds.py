@@ -4,6 +4,7 @@ Prepared data must already be in `data_dir`: with no network a TFDS download han
 fails, so the directory is checked first and a missing dataset is a one-line error saying how to prepare it.
 """
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from PIL import Image
 
 from data.augment import augment_images
 from data.sampling import Shard, eval_indices, train_indices
+
+
+def short(error: Exception) -> str:
+    """The gist of a library's error message: its first clause, without the hashes and offsets after it."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.split(r" \(|; ", text, maxsplit=1)[0][:120]
 
 
 def prepared_dir(name: str, data_dir: str) -> Path:
@@ -27,14 +34,66 @@ def prepared_dir(name: str, data_dir: str) -> Path:
     return versions[-1]
 
 
-def open_split(name: str, data_dir: str, split: str):
-    """A random-access source over one split of a prepared dataset, built from its files alone."""
+def open_split(name: str, data_dir: str, split: str) -> "CheckedSource":
+    """A random-access source over one split of a prepared dataset, built from its files alone.
+
+    Every record file of the split is opened and its record count checked against dataset_info.json, so a
+    truncated or missing file is a one-line error before training; a record that is corrupt inside a file is
+    one when it is read.
+    """
     import tensorflow_datasets as tfds  # imported here: it is slow to import and only this path needs it
 
-    builder = tfds.builder_from_directory(str(prepared_dir(name, data_dir)))
+    directory = prepared_dir(name, data_dir)
+    remedy = f"delete {directory} and prepare it again (python -m data.prepare {name} --data_dir {data_dir})"
+    try:
+        builder = tfds.builder_from_directory(str(directory))
+    except Exception as e:  # noqa: BLE001  (json, protobuf and TFDS errors alike)
+        raise ValueError(f"TFDS dataset {name!r}: the metadata in {directory} is unreadable "
+                         f"({type(e).__name__}: {short(e)}); {remedy}") from None
     if split not in builder.info.splits:
         raise ValueError(f"TFDS dataset {name!r} has no split {split!r} (valid: {', '.join(builder.info.splits)})")
-    return builder.as_data_source(split=split)
+    files = builder.info.splits[split].file_instructions
+    if builder.info.file_format.value == "array_record":
+        for f in files:
+            check_record_file(name, f.filename, f.examples_in_shard, remedy)
+    return CheckedSource(builder.as_data_source(split=split), name, [(f.filename, f.take) for f in files], remedy)
+
+
+def check_record_file(name: str, filename: str, expected: int, remedy: str) -> None:
+    """One-line error naming an array_record file that is missing or holds fewer records than were written."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not Path(filename).is_file():
+        raise FileNotFoundError(f"TFDS dataset {name!r}: record file {filename} is missing; {remedy}")
+    try:  # reads the footer only: a truncated file has none, holds 0 records and fails to close
+        reader = ArrayRecordReader(filename)
+        found = reader.num_records()
+        reader.close()
+        problem = f"it holds {found} of its {expected} records" if found != expected else None
+    except Exception as e:  # noqa: BLE001  (riegeli raises RuntimeError)
+        problem = short(e)
+    if problem:
+        raise ValueError(f"TFDS dataset {name!r}: record file {filename} is truncated or corrupt ({problem}); "
+                         f"{remedy}")
+
+
+class CheckedSource:
+    """A TFDS data source whose read errors name the record file and the remedy, in one line."""
+
+    def __init__(self, source, name: str, files: list[tuple[str, int]], remedy: str):
+        self.source, self.name, self.remedy = source, name, remedy
+        self.files, self.ends = [f for f, _ in files], np.cumsum([n for _, n in files])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.source[index]
+        except Exception as e:  # noqa: BLE001  (riegeli raises RuntimeError, a decoder anything)
+            file = self.files[int(np.searchsorted(self.ends, index, side="right"))]
+            raise ValueError(f"TFDS dataset {self.name!r}: record {index} in {file} is corrupt "
+                             f"({short(e)}); {self.remedy}") from None
 
 
 def to_example(record: dict, image_size: int, channels: int) -> dict[str, np.ndarray]:

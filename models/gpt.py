@@ -43,6 +43,8 @@ class GPT(nnx.Module):
     compiled whatever the depth. `remat` recomputes each block in the backward pass (models.layers.REMAT_POLICIES).
     """
 
+    tasks = ("next_token",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(self, *, vocab_size: int, max_len: int, num_layers: int, d_model: int, num_heads: int,
                  d_ff: int | None = None, dropout: float = 0.0, tie_embeddings: bool = True,
                  norm_eps: float = 1e-5, remat: str = "none", scan_layers: bool = False, dtype: str = "float32",

@@ -11,6 +11,8 @@ from models.mlp import MLP, activation_fn
 class LeNet(nnx.Module):
     """conv5x5(6) -> pool -> conv5x5(16) -> pool: 28x28 becomes 16 x 4 x 4 = 256 features; MLP to logits."""
 
+    tasks = ("classify",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(self, in_channels: int = 1, image_size: int = 28, num_classes: int = 10, *,
                  hidden: Sequence[int] = (120, 84), activation: str = "relu", dtype: str = "float32",
                  rngs: nnx.Rngs):

@@ -297,6 +297,8 @@ class MambaLM(nnx.Module):
     compiled whatever the depth. `remat` recomputes each block in the backward pass (models.layers.REMAT_POLICIES).
     """
 
+    tasks = ("next_token",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(
         self,
         vocab_size: int,

@@ -25,6 +25,8 @@ class MLP(nnx.Module):
     Inputs of any shape (B, ...) are flattened to (B, in_features).
     """
 
+    tasks = ("classify", "regress")  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(self, in_features: int, hidden: Sequence[int], out_features: int, *,
                  activation: str = "relu", dtype: str = "float32", rngs: nnx.Rngs):
         self.act = activation_fn(activation)

@@ -110,6 +110,8 @@ class ResNet(nnx.Module):
     differ from the first stage's width.
     """
 
+    tasks = ("classify",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(
         self,
         *,

@@ -73,6 +73,8 @@ class SimbaBlock(nnx.Module):
 class Simba(nnx.Module):
     """Simba classifier: patch embedding, Simba blocks, LayerNorm, mean over patches, linear head."""
 
+    tasks = ("classify",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(
         self,
         *,

@@ -83,6 +83,8 @@ class Transformer(nnx.Module):
     backward pass (models.layers.REMAT_POLICIES).
     """
 
+    tasks = ("seq2seq",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(self, *, vocab_size: int, src_len: int, tgt_len: int, num_layers: int, d_model: int,
                  num_heads: int, d_ff: int, num_decoder_layers: int | None = None, dropout: float = 0.0,
                  activation: str = "relu", share_embeddings: bool = True, positions: str = "sinusoidal",

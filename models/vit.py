@@ -35,6 +35,8 @@ class ViT(nnx.Module):
     checkpoints use 1e-12 and the exact erf GELU ("gelu_exact").
     """
 
+    tasks = ("classify",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(
         self,
         *,

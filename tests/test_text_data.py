@@ -59,7 +59,8 @@ def test_default_corpus_is_the_standard_library():
 def test_too_short_text_is_a_one_line_error(tmp_path):
     path = tmp_path / "short.txt"
     path.write_text("x" * 100)
-    with pytest.raises(ValueError, match="leave a split shorter than seq_len \\+ 1 = 65"):
+    with pytest.raises(ValueError, match=f"data.path={path} holds 100 bytes, fewer than the 6,500 that "
+                                         f"data.seq_len=64 and data.val_fraction=0.01 need"):
         ByteCorpus(path=str(path), seq_len=64)
 
 

@@ -19,12 +19,14 @@ def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
     runtime.apply(**cfg.runtime)
     import jax
-    from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
+    from jax.errors import JaxRuntimeError
+
+    from train import hosts, loop, mesh  # imported here so the runtime settings precede JAX's start-up
     from train.preemption import NonFinite
 
-    mesh.initialize_distributed(**cfg.distributed)
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        mesh.initialize_distributed(**cfg.distributed)
         lock = runlock.acquire(run_dir, jax.process_index())  # held already unless a sweep's job or a TPU pod
         exp = loop.setup(cfg, run_dir)
     except (ValueError, OSError) as e:
@@ -33,6 +35,9 @@ def main(cfg: DictConfig) -> float:
         metrics = loop.train(exp)
     except NonFinite as e:
         sys.exit(f"error: {e}")
+    except JaxRuntimeError:
+        hosts.await_loss()  # a collective failed: when a process was lost, the watchdog names it and exits
+        raise
     finally:
         runlock.release(lock)
     return metrics[cfg.trainer.objective]

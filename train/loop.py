@@ -28,6 +28,7 @@ from train import mesh as mesh_lib
 from train import pretrained, runlock, targets
 from train.checkpoint import Checkpoints
 from train.config import check_missing, check_model_arguments
+from train.datafit import check_model_reads_data, check_vocabulary
 from train.preemption import NonFinite, Preempted, Preemption
 from train.profiling import Profile, check_profile
 from train.tasks import TASKS, metric_sums, summarize
@@ -76,8 +77,9 @@ def build(node: DictConfig, **kwargs):
 
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
-    check_missing(cfg)
     targets.check(cfg)  # before anything is built or opened: a config must not run code
+    check_model_reads_data(cfg)  # before check_missing, which would stop at the first value the data lacks
+    check_missing(cfg)
     check_model_arguments(cfg.model)
     run_dir = Path(run_dir)
     check_writable(run_dir)
@@ -113,6 +115,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     # ---- Data ----
     dataset = build(cfg.data)
     dataset.train_batch(0, tc.batch_size, (jax.process_index(), jax.process_count()))  # data errors before compile
+    check_vocabulary(cfg, dataset)
     task = dataset.task
     if task not in TASKS:
         raise ValueError(f"data task {task!r} is not known (valid: {', '.join(TASKS)})")

@@ -8,6 +8,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from train import hosts
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -17,13 +19,23 @@ LOGICAL_RULES = {"embed": "fsdp", "mlp": "tensor", "heads": "tensor", "vocab": "
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Join a multi-host job: from explicit values, or detected by JAX on TPU pods and Slurm."""
+                           process_id: int | None = None, heartbeat_timeout_s: float = 60) -> None:
+    """Join a multi-host job: from explicit values, or detected by JAX on TPU pods and Slurm.
+
+    A process silent for `heartbeat_timeout_s` is reported lost by every other one, which then exits (train/hosts.py);
+    JAX's own heartbeat timeout, twice as long, is the backstop.
+    """
+    if not heartbeat_timeout_s > 0:
+        raise ValueError(f"distributed.heartbeat_timeout_s={heartbeat_timeout_s} must be positive (seconds)")
+    backstop = max(1, round(2 * heartbeat_timeout_s))
     if coordinator_address is not None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=backstop)
     elif "SLURM_JOB_ID" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=backstop)
+    else:
+        return
+    hosts.start(heartbeat_timeout_s)
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
