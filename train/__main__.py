@@ -7,11 +7,15 @@
 
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from train.preemption import catch_stop_signals
 
-from train import config, runtime
+catch_stop_signals()  # first: a SIGTERM during the imports and set-up below must not end the run silently
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from train import config, runtime  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -19,6 +23,7 @@ def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
     runtime.apply(**cfg.runtime)
     from train import loop, mesh  # imported here so the runtime settings precede JAX's start-up
+    from train.checkpoint import DiskFull
     from train.preemption import NonFinite
 
     mesh.initialize_distributed(**cfg.distributed)
@@ -28,7 +33,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(f"error: {e}")
     try:
         metrics = loop.train(exp)
-    except NonFinite as e:
+    except (NonFinite, DiskFull) as e:
         sys.exit(f"error: {e}")
     return metrics[cfg.trainer.objective]
 
