@@ -346,12 +346,6 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     writer.write(start, {"train/first_step_seconds": first_step_seconds})
                     log.info("first step (compile included): %.1f s", first_step_seconds)
                     timed_from, input_wait, t0 = done, 0.0, time.perf_counter()
-                if preemption.reached(done):
-                    save(done, state)
-                    checkpoints.wait()  # written before it is announced
-                    log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
-                              "command to resume", preemption.signum, done, checkpoints.directory)
-                    raise Preempted(preemption.exit_code)
                 checkpoint_now = done % cfg.checkpoint.every == 0 or done == tc.steps
                 if done % tc.log_every == 0 or checkpoint_now:  # the window is checked before every save
                     sums = window_sums(jax.device_get(window))
@@ -384,6 +378,13 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done
+                if preemption.reached(done):  # after the step's log, evaluation and checkpoint: none is skipped
+                    if last_saved != done:
+                        save(done, state)
+                    checkpoints.wait()  # written before it is announced
+                    log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
+                              "command to resume", preemption.signum, done, checkpoints.directory)
+                    raise Preempted(preemption.exit_code)
     finally:
         bar.close()
         if profile:
