@@ -46,8 +46,7 @@ logging.getLogger("absl").addFilter(_DiskFullRecords())
 def _drop_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
     """After a failed write, tensorstore completes the other writes of that save into orbax's closed event loop;
     each prints a traceback (RuntimeError: Event loop is closed) that says nothing about the run."""
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"
-            and unraisable.object is None):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
         previous(unraisable)
 
 
