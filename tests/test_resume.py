@@ -25,8 +25,8 @@ def final_params(run_dir: Path, step: int = STEPS) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(restored["params"])]
 
 
-def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "train", *ARGS, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+def start(run_dir: Path, args: list[str] = ARGS) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "train", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

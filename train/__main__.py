@@ -7,11 +7,15 @@
 
 import sys
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from train.preemption import catch_stop_signals
 
-from train import config, runlock, runtime
+catch_stop_signals()  # first: a SIGTERM during the imports and set-up below must not end the run silently
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from train import config, runlock, runtime  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -22,6 +26,7 @@ def main(cfg: DictConfig) -> float:
     from jax.errors import JaxRuntimeError
 
     from train import hosts, loop, mesh  # imported here so the runtime settings precede JAX's start-up
+    from train.checkpoint import DiskFull
     from train.preemption import NonFinite
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -33,7 +38,7 @@ def main(cfg: DictConfig) -> float:
         sys.exit(f"error: {e}")
     try:
         metrics = loop.train(exp)
-    except NonFinite as e:
+    except (NonFinite, DiskFull) as e:
         sys.exit(f"error: {e}")
     except JaxRuntimeError:
         hosts.await_loss()  # a collective failed: when a process was lost, the watchdog names it and exits

@@ -5,11 +5,13 @@
 """
 
 import dataclasses
+import errno
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,10 +31,10 @@ from train import pretrained, runlock, targets
 from train.checkpoint import Checkpoints
 from train.config import check_missing, check_model_arguments
 from train.datafit import check_model_reads_data, check_vocabulary
-from train.preemption import NonFinite, Preempted, Preemption
+from train.preemption import NonFinite, Preempted, Preemption, defer_stop_signals
 from train.profiling import Profile, check_profile
 from train.tasks import TASKS, metric_sums, summarize
-from train.writers import MetricWriter, plot_curves, progress_line
+from train.writers import MetricWriter, progress_line, write_results
 
 log = logging.getLogger(__name__)
 logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
@@ -146,7 +148,8 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, shardings)
     # ---- Checkpoints: a run directory holds one model ----
-    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    checkpoints = Checkpoints(run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                              writer=True)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     check_checkpoint_model(checkpoints, model_cfg)
     if tc.init_from is not None:
@@ -179,12 +182,17 @@ def check_checkpoint_model(checkpoints: Checkpoints, model_cfg: dict) -> None:
 
 def check_writable(run_dir: Path) -> None:
     """One-line error when the output directory cannot be created or written."""
+    probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: hosts may share the directory
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write_probe.{os.getpid()}"  # one per process: hosts may share the directory
-        probe.write_bytes(b"0" * 4096)
-        probe.unlink()
+        try:
+            probe.write_bytes(b"0" * 4096)
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(f"output directory {run_dir} is full ({shutil.disk_usage(run_dir).free:,} bytes free); free "
+                          f"space and re-run the same command, or choose another with hydra.run.dir=PATH") from None
         raise OSError(f"output directory {run_dir} is not writable ({e.strerror}); "
                       f"choose another with hydra.run.dir=PATH") from None
 
@@ -284,6 +292,7 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     takes turns with the programs it compares there).
     """
     cfg, tc = exp.cfg, exp.cfg.trainer
+    defer_stop_signals()  # a stop signal from here on ends the run at its next step, with a checkpoint
     is_main = jax.process_index() == 0
     writer = MetricWriter(exp.run_dir, enabled=is_main)
     checkpoints, model_cfg = exp.checkpoints, exp.model_cfg
@@ -341,11 +350,6 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     writer.write(start, {"train/first_step_seconds": first_step_seconds})
                     log.info("first step (compile included): %.1f s", first_step_seconds)
                     timed_from, input_wait, t0 = done, 0.0, time.perf_counter()
-                if preemption.reached(done):
-                    save(done, state)
-                    log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
-                              "command to resume", preemption.signum, done, checkpoints.directory)
-                    raise Preempted(preemption.exit_code)
                 checkpoint_now = done % cfg.checkpoint.every == 0 or done == tc.steps
                 if done % tc.log_every == 0 or checkpoint_now:  # the window is checked before every save
                     sums = window_sums(jax.device_get(window))
@@ -381,6 +385,13 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done
+                if preemption.reached(done):  # after the step's log, evaluation and checkpoint: none is skipped
+                    if last_saved != done:
+                        save(done, state)
+                    checkpoints.wait()  # written before it is announced
+                    log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
+                              "command to resume", preemption.signum, done, checkpoints.directory)
+                    raise Preempted(preemption.exit_code)
     finally:
         bar.close()
         if profile:
@@ -396,8 +407,7 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
         writer.write(tc.steps, final)
     writer.close()
     if is_main:
-        plot_curves(writer.path, exp.run_dir / "curves.png")
-        (exp.run_dir / "final_metrics.json").write_text(json.dumps(eval_metrics, indent=2) + "\n")
+        write_results(exp.run_dir, writer.path, eval_metrics)
         log.info("final: %s", ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
         log.info("outputs in %s (metrics.jsonl, tensorboard/, checkpoints/, curves.png)", exp.run_dir.absolute())
     exp.final_state = state

@@ -1,41 +1,101 @@
-"""Where metrics go: metrics.jsonl (one JSON object per line), TensorBoard events, and curves.png."""
+"""Where metrics go: metrics.jsonl (one JSON object per line), TensorBoard events, and curves.png.
+
+The metric files are secondary to the run: one that cannot be written (a full disk) is dropped with one
+warning naming it, and training and checkpoints go on (the checkpoint then says itself if space is short).
+"""
 
 import datetime
 import json
+import logging
+import os
+import time
 from pathlib import Path
+from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from tensorboardX import SummaryWriter  # noqa: E402
+from tensorboardX.event_file_writer import EventsWriter  # noqa: E402
+from tensorboardX.proto.event_pb2 import Event  # noqa: E402
+from tensorboardX.summary import scalar  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 
 class MetricWriter:
-    """Appends `{"step": s, "train/loss": ..., ...}` lines to metrics.jsonl and scalars to TensorBoard."""
+    """Appends `{"step": s, "train/loss": ..., ...}` lines to metrics.jsonl and scalars to TensorBoard.
+
+    TensorBoard events are written and flushed here, in the caller's thread: tensorboardX's own writer
+    thread dies on a write error and then blocks the next write forever.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True):
         self.path = run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.tb = SummaryWriter(str(run_dir / "tensorboard")) if enabled else None
+        self.jsonl = enabled
+        self.tb_dir = run_dir / "tensorboard"
+        self.tb: EventsWriter | None = None
+        if enabled:
+            try:
+                self.tb_dir.mkdir(parents=True, exist_ok=True)
+                self.tb = EventsWriter(str(self.tb_dir / "events"))
+            except OSError as e:
+                cannot_write(self.tb_dir, e)
+
+    @staticmethod
+    def _written(path: Path, write: Callable[[], object]) -> bool:
+        """Whether `write()` succeeded; when it fails (a full disk), one warning naming the file."""
+        try:
+            write()
+            return True
+        except OSError as e:
+            cannot_write(path, e)
+            return False
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
+        if self.jsonl:
+            self.jsonl = self._written(self.path, lambda: self._append(json.dumps({"step": step, **metrics}) + "\n"))
+        if self.tb is not None and not self._written(self.tb_dir, lambda: self._tb_write(step, metrics)):
+            self.tb = None
+
+    def _append(self, line: str) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(line)
+
+    def _tb_write(self, step: int, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
-            self.tb.add_scalar(name, value, step)
+            self.tb.write_event(Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+        self.tb.flush()
 
     def drop_after(self, step: int) -> None:
-        """Forget lines logged after `step`: a resumed run rewrites them from its checkpoint."""
-        if self.enabled and self.path.exists():
-            lines = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= step]
-            self.path.write_text("".join(l + "\n" for l in lines))
+        """Forget lines logged after `step`: a resumed run rewrites them from its checkpoint.
+
+        Written to a new file that replaces the old one, so that a kill or a full disk never loses the lines
+        before `step`.
+        """
+        if self.jsonl and self.path.exists():
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(self.path) if r["step"] <= step)
+            self.jsonl = self._written(self.path, lambda: replace_text(self.path, kept))
 
     def close(self) -> None:
         if self.tb is not None:
-            self.tb.close()
+            self._written(self.tb_dir, self.tb.close)
+            self.tb = None
+
+
+def cannot_write(path: Path, error: OSError) -> None:
+    log.warning("%s cannot be written (%s); no more metrics go there, training and checkpoints go on", path,
+                error.strerror or error)
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a new file renamed over the old one)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
@@ -49,8 +109,23 @@ def progress_line(step: int, total: int, metrics: dict[str, float]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl file (a last line cut short by a kill or a full disk is skipped)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_results(run_dir: Path, metrics_path: Path, final_metrics: dict[str, float]) -> None:
+    """final_metrics.json (whole or not at all) and curves.png (skipped with a warning when it cannot be written)."""
+    replace_text(run_dir / "final_metrics.json", json.dumps(final_metrics, indent=2) + "\n")
+    try:
+        plot_curves(metrics_path, run_dir / "curves.png")
+    except OSError as e:
+        cannot_write(run_dir / "curves.png", e)
 
 
 def train_minutes(records: list[dict]) -> float:
