@@ -1,4 +1,5 @@
-"""Summarize a Hydra multirun: runs ranked by a final metric, best first, with their overrides and a plot per swept value.
+"""Summarize a Hydra multirun: runs ranked by a final metric, best first, with their overrides and a plot per swept
+value.
 
     python scripts/sweep_summary.py multirun/2026-11-27_10-00-00 [--metric eval/loss] [--maximize | --minimize]
 A metric is maximised when its name says so (accuracy, BLEU, exact match, ...) and minimised when it is a loss
