@@ -195,10 +195,11 @@ def budget_steps(cfg: DictConfig, name: str, m: dict, fraction: float = 1.0) -> 
     steps = {"steps": lambda: int(value), "flops": lambda: math.floor(value / m["flops_per_step"]),
              "seconds": lambda: math.floor(value * m["steps_per_sec"])}[cfg.budget.kind]()
     if steps < 1:
-        cost = {"steps": "1 step", "flops": f"{m['flops_per_step']:.3g} FLOPs",
-                "seconds": f"{1 / m['steps_per_sec']:.3g} s"}[cfg.budget.kind]
-        raise ValueError(f"budget.value={value:g} ({cfg.budget.kind}, x {fraction:g} for this phase) buys no step of "
-                         f"{name}, whose step costs {cost}; raise budget.value")
+        cost = {"steps": lambda: "1 step", "flops": lambda: f"{m['flops_per_step']:.3g} FLOPs",
+                "seconds": lambda: f"{1 / m['steps_per_sec']:.3g} s"}[cfg.budget.kind]()
+        phase = f", x {fraction:g} in the learning-rate sweep" if fraction != 1.0 else ""
+        raise ValueError(f"budget.value={cfg.budget.value:g} ({cfg.budget.kind}{phase}) buys no step of {name}, "
+                         f"whose step costs {cost}; raise budget.value")
     return steps
 
 
@@ -454,47 +455,64 @@ def plot_language(cfg: DictConfig, rows: list[dict], path: Path) -> None:
 
 
 def generation(run_dir: Path, context: int, new_tokens: int, batch_size: int, repeats: int) -> dict:
-    """Prefill time, decode tokens/s, cache (or state) bytes and XLA's peak bytes of greedy generation."""
+    """Prefill seconds, decode tokens/s, cache (or state) bytes and XLA's peak bytes of greedy generation.
+
+    The two calls that `generate` makes, compiled and timed apart: one parallel pass over the prompt that fills the
+    KV cache (GPT) or returns the recurrent state (Mamba), then `new_tokens` steps of one token each in a lax.scan.
+    """
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from models.gpt import GPT
-    from models.gpt import generate as gpt_generate
-    from models.mamba import generate as mamba_generate
     from train import loop, pretrained
 
     run_cfg, model = pretrained.load_model(run_dir)
-    if isinstance(model, GPT):
+    gpt = isinstance(model, GPT)
+    if gpt:
         model = longer_positions(model, run_cfg, context + new_tokens)
     stream = loop.build(run_cfg.data).val
     prompt = np.resize(stream, context)[None].repeat(batch_size, 0).astype(np.int32)  # (B, context)
     graphdef, state = nnx.split(model)
-    gpt = isinstance(model, GPT)
 
-    def timed(n: int) -> tuple[float, int]:
-        def fn(state, prompt):
-            m = nnx.merge(graphdef, state)
-            return (gpt_generate(m, prompt, n, temperature=0.0) if gpt
-                    else mamba_generate(m, prompt, n, jax.random.key(0), temperature=0.0))
+    def prefill(state, prompt):  # (B, context) -> last logits (B, V), cache
+        m = nnx.merge(graphdef, state)
+        if gpt:
+            logits, cache = m(prompt, m.init_cache(batch_size, context + new_tokens))
+            return logits[:, -1], cache
+        return m.prefill(prompt)
 
-        compiled = jax.jit(fn).lower(state, prompt).compile()
-        jax.block_until_ready(compiled(state, prompt))
+    def decode(state, logits, cache):  # new_tokens greedy tokens (new_tokens, B)
+        m = nnx.merge(graphdef, state)
+
+        def step(carry, _):
+            logits, cache = carry
+            token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            if gpt:
+                logits, cache = m(token[:, None], cache)
+                return (logits[:, -1], cache), token
+            return m.step(token, cache), token
+
+        return jax.lax.scan(step, (logits, cache), None, length=new_tokens)[1]
+
+    def run(fn, *args) -> tuple[float, int, object]:
+        compiled = jax.jit(fn).lower(*args).compile()
+        out = jax.block_until_ready(compiled(*args))
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            jax.block_until_ready(compiled(state, prompt))
+            jax.block_until_ready(compiled(*args))
             times.append(time.perf_counter() - t0)
         mem = compiled.memory_analysis()
-        return statistics.median(times), mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        return statistics.median(times), peak, out
 
-    first, _ = timed(1)
-    full, peak = timed(new_tokens)
-    cache = jax.eval_shape(lambda: model.init_cache(batch_size, context + new_tokens) if gpt
-                           else model.init_cache(batch_size))
-    decode = batch_size * (new_tokens - 1) / (full - first) if full > first else math.nan  # nan: below timing noise
-    return {"prefill_seconds": first, "decode_tokens_per_sec": decode,
-            "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)), "peak_bytes": peak}
+    prefill_s, prefill_peak, (logits, cache) = run(prefill, state, prompt)
+    decode_s, decode_peak, _ = run(decode, state, logits, cache)
+    return {"prefill_seconds": prefill_s, "decode_tokens_per_sec": batch_size * new_tokens / decode_s,
+            "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
+            "prefill_peak_bytes": prefill_peak, "decode_peak_bytes": decode_peak}
 
 
 def longer_positions(model, run_cfg: DictConfig, max_len: int):
@@ -540,21 +558,21 @@ def inference(cfg: DictConfig, out: Path) -> None:
                    "context": context, "new_tokens": a.new_tokens, "batch_size": a.batch_size,
                    **generation(Path(t["run_dir"]), context, a.new_tokens, a.batch_size, a.repeats)}
             print(f"{name} at {context}: {row['decode_tokens_per_sec']:.1f} tokens/s, cache "
-                  f"{row['cache_bytes'] / 2**20:.2f} MiB, peak {row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+                  f"{row['cache_bytes'] / 2**20:.2f} MiB", flush=True)
             rows.append(row)
             with open(rows_file, "a") as f:
                 f.write(json.dumps(row) + "\n")
     rows = [r for r in rows if r["model"] in a.models and r["context"] in a.contexts]
     (out / "results.json").write_text(json.dumps({"arena": "inference", "source": str(source),
                                                   "metric": "decode_tokens_per_sec", "rows": rows}, indent=1))
-    lines = header(cfg, f"; greedy generation of {a.new_tokens} tokens after the prompt, batch {a.batch_size}; "
-                        f"models from {source}")
-    lines += ["| model | params | context | prefill s | decode tokens/s | cache or state MiB | XLA peak MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = header(cfg, f"; greedy decoding of {a.new_tokens} tokens after the prompt, batch {a.batch_size}, "
+                        f"median of {a.repeats}; models from {source}")
+    lines += ["| model | params | context | prefill s | decode tokens/s | cache or state MiB | XLA peak MiB, "
+              "prefill / decode |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["model"], r["context"])):
         lines.append(f"| {r['model']} | {r['params']:,} | {r['context']:,} | {r['prefill_seconds']:.2f} | "
-                     f"{r['decode_tokens_per_sec']:.1f} | {r['cache_bytes'] / 2**20:.3f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} |")
+                     f"{r['decode_tokens_per_sec']:.0f} | {r['cache_bytes'] / 2**20:.2f} | "
+                     f"{r['prefill_peak_bytes'] / 2**20:.0f} / {r['decode_peak_bytes'] / 2**20:.0f} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for i, name in enumerate(a.models):
@@ -562,8 +580,10 @@ def inference(cfg: DictConfig, out: Path) -> None:
         xs = [r["context"] for r in rs]
         axes[0].plot(xs, [r["decode_tokens_per_sec"] for r in rs], marker="o", color=f"C{i}", label=name)
         axes[1].plot(xs, [r["cache_bytes"] for r in rs], marker="o", color=f"C{i}", label=f"{name}: cache / state")
-        axes[1].plot(xs, [r["peak_bytes"] for r in rs], marker="s", linestyle="--", color=f"C{i}",
-                     label=f"{name}: XLA peak")
+        axes[1].plot(xs, [r["prefill_peak_bytes"] for r in rs], marker="s", linestyle=":", color=f"C{i}",
+                     label=f"{name}: XLA peak, prefill")
+        axes[1].plot(xs, [r["decode_peak_bytes"] for r in rs], marker="^", linestyle="--", color=f"C{i}",
+                     label=f"{name}: XLA peak, decode")
     axes[0].set(xscale="log", xlabel="context (prompt bytes)", ylabel="decode tokens/s")
     axes[1].set(xscale="log", yscale="log", xlabel="context (prompt bytes)", ylabel="bytes")
     for ax in axes:
@@ -590,6 +610,9 @@ def main(cfg: DictConfig) -> None:
             inference(cfg, out)
             return
         plan = make_plan(cfg, out)
+        for name, fam in families(cfg).items():  # every phase's steps, before anything trains
+            swept = len(cfg.arena.lr_sweep.lrs) > 1 and not fam.get("lr_from")
+            budget_steps(cfg, name, plan["families"][name], cfg.lr_sweep.fraction if swept else 1.0)
         lrs = lr_sweep(cfg, out, plan)
         cells = shootout(cfg, out, plan, lrs)
     except (ValueError, OSError, RuntimeError) as e:

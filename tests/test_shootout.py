@@ -130,7 +130,8 @@ def test_inference_arena_kv_cache_grows_and_recurrent_state_does_not(language, t
     cache = {key: r["cache_bytes"] for key, r in rows.items()}
     assert cache["gpt_1m", 32] / cache["gpt_1m", 16] == pytest.approx((32 + 4) / (16 + 4), rel=0.02)  # KV of L + new
     assert cache["mamba_1m", 32] == cache["mamba_1m", 16]  # the recurrent state does not grow
-    assert all(r["prefill_seconds"] > 0 and r["peak_bytes"] > 0 for r in rows.values())
+    assert all(r["prefill_seconds"] > 0 and r["decode_tokens_per_sec"] > 0 and r["decode_peak_bytes"] > r["cache_bytes"]
+               for r in rows.values())
     assert "gpt_1m" in (tmp_path / "table.md").read_text() and (tmp_path / "inference.png").stat().st_size > 10_000
 
 
@@ -178,3 +179,15 @@ def test_scanned_layers_cost_the_flops_of_the_layer_loop(tmp_path):
         flops[scan] = compiled_flops(step, exp.abstract_state, batch)
         exp.checkpoints.close()
     assert flops[True] == pytest.approx(flops[False], rel=0.02) and not math.isnan(flops[True])
+
+
+@pytest.mark.parametrize("args, words", [
+    (["budget.kind=hours"], ["budget.kind=hours", "steps, flops, seconds"]),
+    (["arena=nope"], ["arena=nope", "images, inference, language"]),
+    (["families=[mlp,nope]"], ["families: nope", "resnet20"]),
+    (["families=[mlp]", "budget.value=10"], ["budget.value=10", "buys no step of mlp"]),
+])
+def test_bad_shootout_input_is_one_line(tmp_path, args, words):
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path}"], module=SHOOTOUT, check=False, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and all(w in lines[0] for w in words), proc.stderr
