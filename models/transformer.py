@@ -52,17 +52,21 @@ class EncoderBlock(nnx.Module):
 
 
 class DecoderBlock(nnx.Module):
-    """Causal self-attention, cross-attention to the encoder memory, then a feed-forward layer."""
+    """Causal self-attention, cross-attention to the encoder memory, then a feed-forward layer.
+
+    `cross_attention=False` leaves the cross-attention out (a decoder with no encoder: `TransformerLM`)."""
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, *, norm: str = "pre", dropout: float = 0.0,
-                 activation: str = "relu", dtype: str = "float32", rngs: nnx.Rngs):
+                 activation: str = "relu", cross_attention: bool = True, dtype: str = "float32", rngs: nnx.Rngs):
         self.pre = norm == "pre"
         self.self_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
-        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
+        self.cross_attn = (MultiHeadAttention(d_model, num_heads, dropout=dropout, dtype=dtype, rngs=rngs)
+                           if cross_attention else None)
         self.mlp = FeedForward(d_model, d_ff, activation=activation, dropout=dropout, dtype=dtype, rngs=rngs)
-        self.norm1, self.norm2, self.norm3 = (nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) for _ in range(3))
+        self.norm1, self.norm3 = (nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) for _ in range(2))
+        self.norm2 = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if cross_attention else None
 
-    def __call__(self, y: jax.Array, memory: jax.Array | KVCache, src_mask: jax.Array,
+    def __call__(self, y: jax.Array, memory: jax.Array | KVCache | None, src_mask: jax.Array | None,
                  cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
         """(B, T, D) -> (B, T, D); `memory` is the encoder output (B, S, D) or its projected keys/values."""
         h = self.norm1(y) if self.pre else y
@@ -71,7 +75,8 @@ class DecoderBlock(nnx.Module):
         else:
             h, cache = self.self_attn(h, cache=cache)
         y = y + h if self.pre else self.norm1(y + h)
-        y = residual(self.pre, self.norm2, y, lambda h: self.cross_attn(h, memory, mask=src_mask))
+        if self.cross_attn is not None:
+            y = residual(self.pre, self.norm2, y, lambda h: self.cross_attn(h, memory, mask=src_mask))
         return residual(self.pre, self.norm3, y, self.mlp), cache
 
 
@@ -193,6 +198,38 @@ class Transformer(nnx.Module):
         cross = [block.cross_attn.project_context(memory) for block in self.decoder]
         caches = [block.self_attn.init_cache(src.shape[0], self.tgt_len) for block in self.decoder]
         return cross, caches
+
+
+class TransformerLM(nnx.Module):
+    """The Transformer's decoder stack alone as a language model: int32 tokens (B, T) -> logits (B, T, vocab_size).
+
+    The decoder blocks above without cross-attention (there is no encoder), with the paper's sinusoidal positions,
+    sqrt(d)-scaled tied embeddings and ReLU feed-forward. GPT is the same stack as Radford et al. took it, with
+    learned positions and GELU; the shoot-out's language arena trains both.
+    """
+
+    def __init__(self, *, vocab_size: int, num_layers: int, d_model: int, num_heads: int, d_ff: int,
+                 dropout: float = 0.0, activation: str = "relu", norm: str = "pre", remat: str = "none",
+                 scan_layers: bool = False, dtype: str = "float32", rngs: nnx.Rngs):
+        check_remat("TransformerLM", remat)
+        if norm not in ("pre", "post"):
+            raise ValueError(f"TransformerLM: norm {norm!r} is not known (valid: pre, post)")
+        self.d_model, self.remat, self.scan_layers = d_model, remat, scan_layers
+        init = nnx.with_partitioning(nnx.initializers.normal(stddev=d_model ** -0.5), ("vocab", "embed"))
+        self.embed = nnx.Embed(vocab_size, d_model, dtype=dtype, embedding_init=init, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.blocks = layer_stack(
+            lambda r: DecoderBlock(d_model, num_heads, d_ff, norm=norm, dropout=dropout, activation=activation,
+                                   cross_attention=False, dtype=dtype, rngs=r), num_layers, rngs, scan=scan_layers)
+        self.norm = nnx.LayerNorm(d_model, dtype=dtype, rngs=rngs) if norm == "pre" else None
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        """Logits (B, T, V) of every next token (causal: position t sees tokens 0..t)."""
+        pos = jnp.asarray(sinusoidal_positions(tokens.shape[1], self.d_model))
+        x = self.embed(tokens) * jnp.sqrt(self.d_model).astype(self.embed.dtype)  # (B, T) -> (B, T, D)
+        x = self.dropout(x + pos.astype(x.dtype))
+        x = run_stack(self.blocks, x, scan=self.scan_layers, remat=self.remat, call=lambda b, h: b(h, None, None)[0])
+        return self.embed.attend(x if self.norm is None else self.norm(x))
 
 
 @partial(jax.jit, static_argnames="graphdef")

@@ -1,4 +1,5 @@
-"""Transformer encoder-decoder: causality, padding masks, cached greedy decoding, beam search, options."""
+"""Transformer encoder-decoder: causality, padding masks, cached greedy decoding, beam search, options; its decoder
+stack alone as a language model."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models.transformer import BOS, EOS, Transformer, beam_search, greedy_decode, sinusoidal_positions
+from models.gpt import GPT
+from models.transformer import (BOS, EOS, Transformer, TransformerLM, beam_search, greedy_decode,
+                                sinusoidal_positions)
 from scripts.interop import flat_state, load_flat
 from train.pretrained import match_layout
 
@@ -134,3 +137,16 @@ def test_bad_options_are_one_line_errors():
         make(positions="rotary")
     with pytest.raises(ValueError, match=f"source length {S + 1} exceeds src_len {S}"):
         make()(jnp.ones((1, S + 1), jnp.int32), jnp.ones((1, 2), jnp.int32))
+
+
+def test_decoder_stack_language_model_is_causal_and_gpt_sized_without_positions():
+    lm = TransformerLM(vocab_size=V, num_layers=2, d_model=32, num_heads=4, d_ff=128, rngs=nnx.Rngs(0))
+    gpt = GPT(vocab_size=V, max_len=T, num_layers=2, d_model=32, num_heads=4, rngs=nnx.Rngs(0))
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
+    assert count(lm) == count(gpt) - T * 32  # GPT's learned positions; every other parameter alike
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (2, T)), jnp.int32)
+    changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % V)
+    a, b = lm(tokens), lm(changed)
+    assert a.shape == (2, T, V)
+    np.testing.assert_array_equal(a[:, :5], b[:, :5])  # position t sees tokens 0..t only
+    assert not np.allclose(a[:, 5:], b[:, 5:])

@@ -95,6 +95,9 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
             raise ValueError(f"trainer.{key}={tc[key]} must be a positive integer")
     if tc.profile is not None:
         check_profile(tc.profile, tc.steps)
+    if tc.get("max_seconds") is not None and (tc.max_seconds <= 0 or jax.process_count() > 1):
+        raise ValueError(f"trainer.max_seconds={tc.max_seconds} must be positive, on one process (hosts would "
+                         f"stop at different steps), or null: no time limit")
     if tc.nan_policy not in ("stop", "skip"):
         raise ValueError(f"trainer.nan_policy={tc.nan_policy!r} is not known (valid: stop, skip)")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
@@ -298,7 +301,13 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     checkpoints, model_cfg = exp.checkpoints, exp.model_cfg
 
     def save(step: int, state) -> None:
-        checkpoints.save(step, state, {"step": step, "data_step": step, "model": model_cfg})
+        checkpoints.save(step, state, {"step": step, "data_step": step, "model": model_cfg,
+                                       "train_seconds": train_seconds()})
+
+    def train_seconds() -> float:
+        """Wall time in train steps so far: from the end of the first (compiling) step, evaluations excluded,
+        added to what the restored checkpoint had taken (what trainer.max_seconds counts)."""
+        return seconds_before + time.perf_counter() - clock_start - paused
 
     # ---- Init or restore ----
     state, start = restore_latest(checkpoints, exp)
@@ -309,6 +318,10 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     else:
         log.info("resumed from step %d in %s", start, checkpoints.directory)
     writer.drop_after(start if start else -1)
+    max_seconds = tc.get("max_seconds")
+    seconds_before = checkpoints.read_meta(start).get("train_seconds", 0.0) if start else 0.0
+    end = start if max_seconds is not None and seconds_before >= max_seconds else tc.steps  # stopped there before
+    clock_start, paused = time.perf_counter(), 0.0
     num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     log.info("model %s: %s parameters; data %s; mesh %s; %d steps of batch %d", cfg.model._target_,
              f"{num_params:,}", cfg.data._target_, dict(exp.mesh.shape), tc.steps, tc.batch_size)
@@ -326,7 +339,7 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     eval_metrics: dict[str, float] = {}
     last_saved = start
     plain = is_main and not sys.stderr.isatty()  # Slurm, nohup, CI, `> log 2>&1`: a line per window, no redraws
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not is_main or plain,
+    bar = tqdm(range(start, end), initial=start, total=tc.steps, disable=not is_main or plain,
                dynamic_ncols=True, mininterval=0.5)
     try:
         with Preemption() as preemption, ThreadPoolExecutor(1) as prefetch:
@@ -350,7 +363,12 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     writer.write(start, {"train/first_step_seconds": first_step_seconds})
                     log.info("first step (compile included): %.1f s", first_step_seconds)
                     timed_from, input_wait, t0 = done, 0.0, time.perf_counter()
-                checkpoint_now = done % cfg.checkpoint.every == 0 or done == tc.steps
+                    clock_start = t0
+                elif max_seconds is not None:
+                    jax.block_until_ready(sums)  # the step done, not only dispatched
+                out_of_time = max_seconds is not None and train_seconds() >= max_seconds
+                last = done == tc.steps or out_of_time
+                checkpoint_now = done % cfg.checkpoint.every == 0 or last
                 if done % tc.log_every == 0 or checkpoint_now:  # the window is checked before every save
                     sums = window_sums(jax.device_get(window))
                     if sums["nonfinite"] > 0 and tc.nan_policy == "stop":
@@ -376,12 +394,15 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     if on_log is not None:
                         on_log(done, metrics)
                     window, window_start, timed_from, input_wait, t0 = [], done, done, 0.0, time.perf_counter()
-                if done % tc.eval_every == 0 or done == tc.steps:
+                if done % tc.eval_every == 0 or last:
+                    t_eval = time.perf_counter()
                     eval_metrics = {f"eval/{k}": v for k, v in evaluate(exp, eval_step, state).items()}
                     writer.write(done, eval_metrics)
                     if is_main:
                         (log.info if plain else bar.write)(
                             f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+                    t0 += time.perf_counter() - t_eval  # the next window's rate counts train steps only
+                    paused += time.perf_counter() - t_eval
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done
@@ -392,6 +413,9 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     log.error("stopped by signal %d after step %d; checkpoint saved in %s; re-run the same "
                               "command to resume", preemption.signum, done, checkpoints.directory)
                     raise Preempted(preemption.exit_code)
+                if out_of_time and done < tc.steps:
+                    log.info("trainer.max_seconds=%s reached: stopped after step %d of %d", max_seconds, done, tc.steps)
+                    break
     finally:
         bar.close()
         if profile:
@@ -404,7 +428,7 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
     if hasattr(exp.dataset, "final_metrics"):
         final = {f"eval/{k}": v for k, v in exp.dataset.final_metrics(eval_model(exp, state)).items()}
         eval_metrics |= final
-        writer.write(tc.steps, final)
+        writer.write(int(state["step"]), final)  # tc.steps, or where trainer.max_seconds stopped the run
     writer.close()
     if is_main:
         write_results(exp.run_dir, writer.path, eval_metrics)
