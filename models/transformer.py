@@ -208,6 +208,8 @@ class TransformerLM(nnx.Module):
     learned positions and GELU; the shoot-out's language arena trains both.
     """
 
+    tasks = ("next_token",)  # the data tasks it reads (train/datafit.py checks the pair)
+
     def __init__(self, *, vocab_size: int, num_layers: int, d_model: int, num_heads: int, d_ff: int,
                  dropout: float = 0.0, activation: str = "relu", norm: str = "pre", remat: str = "none",
                  scan_layers: bool = False, dtype: str = "float32", rngs: nnx.Rngs):
