@@ -11,6 +11,7 @@ import argparse
 import json
 import pathlib
 import platform
+import statistics
 import time
 
 import jax
@@ -41,16 +42,22 @@ def fwd_bwd(method: str, chunk: int):
 
 def measure(method: str, chunk: int, inputs: tuple[jax.Array, ...], repeats: int) -> dict:
     """Median wall time of `repeats` calls after compilation, and XLA's peak memory for the step."""
-    compiled = fwd_bwd(method, chunk).lower(*inputs).compile()
-    jax.block_until_ready(compiled(*inputs))
+    seconds, peak, _ = time_compiled(fwd_bwd(method, chunk), inputs, repeats)
+    return {"seconds": seconds, "peak_bytes": peak}
+
+
+def time_compiled(fn, args: tuple, repeats: int) -> tuple[float, int, object]:
+    """(median seconds of `repeats` calls after a warm-up, XLA's peak bytes, the output) of jitted `fn(*args)`."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    out = jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
+        jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
     mem = compiled.memory_analysis()
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-    return {"seconds": sorted(times)[len(times) // 2], "peak_bytes": int(peak)}
+    return statistics.median(times), int(peak), out
 
 
 def main() -> None:

@@ -466,6 +466,7 @@ def generation(run_dir: Path, context: int, new_tokens: int, batch_size: int, re
     from flax import nnx
 
     from models.gpt import GPT
+    from scripts.scan_benchmark import time_compiled
     from train import loop, pretrained
 
     run_cfg, model = pretrained.load_model(run_dir)
@@ -496,20 +497,8 @@ def generation(run_dir: Path, context: int, new_tokens: int, batch_size: int, re
 
         return jax.lax.scan(step, (logits, cache), None, length=new_tokens)[1]
 
-    def run(fn, *args) -> tuple[float, int, object]:
-        compiled = jax.jit(fn).lower(*args).compile()
-        out = jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - t0)
-        mem = compiled.memory_analysis()
-        peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        return statistics.median(times), peak, out
-
-    prefill_s, prefill_peak, (logits, cache) = run(prefill, state, prompt)
-    decode_s, decode_peak, _ = run(decode, state, logits, cache)
+    prefill_s, prefill_peak, (logits, cache) = time_compiled(prefill, (state, prompt), repeats)
+    decode_s, decode_peak, _ = time_compiled(decode, (state, logits, cache), repeats)
     return {"prefill_seconds": prefill_s, "decode_tokens_per_sec": batch_size * new_tokens / decode_s,
             "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)),
             "prefill_peak_bytes": prefill_peak, "decode_peak_bytes": decode_peak}
