@@ -5,6 +5,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from models.layers import max_pool
 from models.mlp import MLP, activation_fn
 
 
@@ -28,8 +29,8 @@ class LeNet(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         """The feature vector the classifier sees: (B, 28, 28, C) -> (B, 256)."""
-        x = nnx.max_pool(self.act(self.conv1(x)), (2, 2), strides=(2, 2))  # (B, 28, 28, C) -> (B, 12, 12, 6)
-        x = nnx.max_pool(self.act(self.conv2(x)), (2, 2), strides=(2, 2))  # -> (B, 4, 4, 16)
+        x = max_pool(self.act(self.conv1(x)), 2)  # (B, 28, 28, C) -> (B, 12, 12, 6)
+        x = max_pool(self.act(self.conv2(x)), 2)  # -> (B, 4, 4, 16)
         return x.reshape(x.shape[0], -1)  # -> (B, 256)
 
     def __call__(self, x: jax.Array) -> jax.Array:

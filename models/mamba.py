@@ -6,7 +6,8 @@ The selective scan (paper Algorithm 2, eq. 2a-2b with the ZOH discretisation of 
 
 has four interchangeable implementations with one signature `scan(dt, A, B, C, x, h0)`:
 `associative` (jax.lax.associative_scan, parallel over the sequence: the one for GPU/TPU),
-`sequential` (lax.scan, one step at a time: the reference, and the fastest on CPU),
+`sequential` (lax.scan, one `ssm_step` per token, its backward pass written by hand in models/sequential_scan.py:
+the fastest on CPU),
 `chunked` (lax.scan over chunks, associative inside each, rematerialised per chunk: bounded memory),
 `pallas` (models/pallas_scan.py: one kernel per direction, states kept on chip, parallel over batch and channels).
 `MambaBlock` is the mixer of the reference `mamba_simple.py`; `MambaLM` its language model
@@ -23,6 +24,7 @@ from flax import nnx
 
 from models.layers import check_remat, layer_stack, num_stacked, run_stack
 from models.pallas_scan import scan_pallas
+from models.sequential_scan import scan_sequential
 
 Array = jax.Array
 # Per layer (conv state (B, K-1, D), ssm state (B, D, N)); with scan_layers one such pair stacked: (L, B, ...).
@@ -47,20 +49,6 @@ def ssm_step(h: Array, dt: Array, A: Array, B: Array, C: Array, x: Array) -> tup
 
 def _initial_state(x: Array, A: Array, h0: Array | None) -> Array:
     return jnp.zeros((x.shape[0], *A.shape), x.dtype) if h0 is None else h0
-
-
-def scan_sequential(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array | None = None) -> tuple[Array, Array]:
-    """Reference scan, one step per token.
-
-    dt, x (B, L, D); A (D, N); B, C (B, L, N); h0 (B, D, N) or None -> (y (B, L, D), last state (B, D, N)).
-    """
-
-    def step(h, inputs):
-        return ssm_step(h, *inputs[:1], A, *inputs[1:])
-
-    time_major = [jnp.swapaxes(v, 0, 1) for v in (dt, B, C, x)]  # (L, B, ...)
-    h, y = jax.lax.scan(step, _initial_state(x, A, h0), time_major)
-    return jnp.swapaxes(y, 0, 1), h
 
 
 def _combine(left: tuple[Array, Array], right: tuple[Array, Array]) -> tuple[Array, Array]:

@@ -134,3 +134,14 @@ def test_projections_carry_logical_axis_names(attn):
 def test_unknown_activation_is_a_one_line_error():
     with pytest.raises(ValueError, match="activation 'swish' is not known"):
         FeedForward(D, 64, activation="swish", rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape, window", [((2, 24, 24, 3), 2), ((1, 9, 7, 2), 2), ((2, 9, 9, 1), 3)])
+def test_max_pool_equals_nnx_max_pool_and_routes_the_gradient_to_the_maximum(shape, window):
+    x = jax.random.normal(jax.random.key(0), shape)  # no ties: the maximum of each window is unique
+    want = nnx.max_pool(x, (window, window), strides=(window, window))
+    np.testing.assert_array_equal(layers.max_pool(x, window), want)
+    grad = jax.grad(lambda v: jnp.sum(layers.max_pool(v, window) * jnp.arange(1.0, want.size + 1).reshape(want.shape)))(x)
+    grad_ref = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (window, window), strides=(window, window))
+                                          * jnp.arange(1.0, want.size + 1).reshape(want.shape)))(x)
+    np.testing.assert_array_equal(grad, grad_ref)

@@ -30,14 +30,17 @@ def accelerator_installed() -> bool:
 
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
-          ynn_dot_fusion_off: bool = False) -> None:
+          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation."""
     if keep_freed_memory:
         retain_freed_memory()
-    # XLA CPU hands convolutions and dots to YNNPACK unless told otherwise; then Eigen computes them.
-    off = [kind for kind, switch in (("convolution", ynn_conv_fusion_off), ("dot", ynn_dot_fusion_off)) if switch]
+    # XLA CPU hands convolutions, dots and reductions to YNNPACK unless told otherwise; then Eigen computes the
+    # convolutions and dots, and XLA's own loop fusions the reductions (fused with what feeds them).
+    off = [kind for kind, switch in (("individual_convolution", ynn_conv_fusion_off),
+                                     ("individual_dot", ynn_dot_fusion_off), ("reduce", ynn_reduce_fusion_off))
+           if switch]
     if off and not accelerator_installed():
-        flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-individual_{kind}" for kind in off)
+        flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off)
         if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
     if compilation_cache:
