@@ -52,13 +52,38 @@ def test_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert compose(["model=gpt2_small", "trainer.compute_dtype=bfloat16"]).model.dtype == "bfloat16"
 
 
-def test_runtime_switches_hand_convolutions_and_dots_to_eigen():
+def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
     import os
     import subprocess
     import sys
 
     code = ("import os; from train import runtime; runtime.apply(keep_freed_memory=False, ynn_conv_fusion_off=True, "
-            "compilation_cache=False, ynn_dot_fusion_off=True); print(os.environ['XLA_FLAGS'])")
+            "compilation_cache=False, ynn_dot_fusion_off=True, ynn_reduce_fusion_off=True); print(os.environ['XLA_FLAGS'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-    assert out.stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot"
+    assert out.stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce"
+
+
+def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_back():
+    """model=mamba/simba select conf/runtime/ssm.yaml; under it XLA, not YNNPACK, compiles a reduction."""
+    import os
+    import subprocess
+    import sys
+
+    from train.config import compose
+
+    assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off
+    assert compose(["model=simba"]).runtime.ynn_reduce_fusion_off
+    assert not compose(["model=gpt", "data=bytes"]).runtime.ynn_reduce_fusion_off
+    assert not compose(["model=mamba", "data=bytes", "runtime=default"]).runtime.ynn_reduce_fusion_off
+
+    def reduction_fusions(reduce_off: bool) -> str:
+        code = ("from train import runtime; runtime.apply(keep_freed_memory=False, ynn_conv_fusion_off=False, "
+                f"compilation_cache=False, ynn_reduce_fusion_off={reduce_off}); import jax, jax.numpy as jnp; "
+                "x = jnp.ones((16, 256, 16)); "
+                "print(jax.jit(lambda a: jnp.sum(a * a, axis=-1)).lower(x).compile().as_text())")
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}).stdout
+
+    assert "__ynn_fusion" in reduction_fusions(False)
+    assert "__ynn_fusion" not in reduction_fusions(True)
