@@ -33,14 +33,17 @@ def is_disk_full(error: BaseException | None) -> bool:
 
 
 class _DiskFullRecords(logging.Filter):
-    """orbax logs a failed write with a traceback from each of its threads; DiskFull says it in one line."""
+    """orbax logs a failed write with a traceback from each of its threads, and asyncio may report the same
+    error again ("Future exception was never retrieved") when it collects one of orbax's futures; DiskFull says
+    it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (is_disk_full(record.exc_info[1] if record.exc_info else None)
                     or "No space left on device" in record.getMessage())
 
 
-logging.getLogger("absl").addFilter(_DiskFullRecords())
+for _logger in ("absl", "asyncio"):
+    logging.getLogger(_logger).addFilter(_DiskFullRecords())
 
 
 def _drop_closed_loop_callbacks(unraisable, previous=sys.unraisablehook) -> None:
