@@ -4,6 +4,7 @@ The metric files are secondary to the run: one that cannot be written (a full di
 warning naming it, and training and checkpoints go on (the checkpoint then says itself if space is short).
 """
 
+import contextlib
 import datetime
 import json
 import logging
@@ -53,7 +54,8 @@ class MetricWriter:
         if self.jsonl:
             self.jsonl = self._written(self.path, lambda: self._append(json.dumps({"step": step, **metrics}) + "\n"))
         if self.tb is not None and not self._written(self.tb_dir, lambda: self._tb_write(step, metrics)):
-            self._written(self.tb_dir, self.tb.close)
+            with contextlib.suppress(OSError):
+                self.tb.close()
             self.tb = None
 
     def _append(self, line: str) -> None:
@@ -61,7 +63,7 @@ class MetricWriter:
             f.write(line)
 
     def _tb_write(self, step: int, metrics: dict[str, float]) -> None:
-        summary = Summary(value=[Summary.Value(tag=name, simple_value=value) for name, value in metrics.items()])
+        summary = Summary(value=[Summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()])
         self.tb.write(Event(wall_time=time.time(), step=step, summary=summary).SerializeToString())
 
     def drop_after(self, step: int) -> None:
