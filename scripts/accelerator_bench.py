@@ -60,8 +60,8 @@ def train_throughput(overrides: list[str], items: int, steps: int) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
-        # XLA counts a scan body once (scanned layers, the Mamba scan): loop_flops adds the other iterations.
-        flops = flops_lib.xla_flops(compiled) + flops_lib.loop_flops(jax.make_jaxpr(step)(state, batch).jaxpr, {})
+        # XLA counts a scan body once (scanned layers, the Mamba scan): compiled_flops adds the other iterations.
+        flops = flops_lib.compiled_flops(step, state, batch, compiled=compiled)
         for _ in range(2):
             state, _ = compiled(state, batch)
         jax.block_until_ready(state)

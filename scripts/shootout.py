@@ -163,7 +163,7 @@ def measure(train_cfg: DictConfig, speed: bool) -> dict:
 
     from train import loop
     from train import mesh as mesh_lib
-    from train.flops import loop_flops, xla_flops
+    from train.flops import compiled_flops
 
     with tempfile.TemporaryDirectory() as run_dir:
         exp = loop.setup(train_cfg, run_dir)
@@ -171,9 +171,9 @@ def measure(train_cfg: DictConfig, speed: bool) -> dict:
         tc = exp.cfg.trainer
         batch = mesh_lib.global_batch(exp.dataset.train_batch(0, tc.batch_size, exp.shard), exp.mesh)
         compiled = step.lower(exp.abstract_state, batch).compile()
-        flops = xla_flops(compiled) + loop_flops(jax.make_jaxpr(step)(exp.abstract_state, batch).jaxpr, {})
         result = {"params": sum(x.size for x in jax.tree.leaves(exp.abstract_state["params"])),
-                  "flops_per_step": flops, "examples_per_step": tc.batch_size,
+                  "flops_per_step": compiled_flops(step, exp.abstract_state, batch, compiled=compiled),
+                  "examples_per_step": tc.batch_size,
                   "tokens_per_step": tc.batch_size * exp.cfg.data.seq_len if exp.task == "next_token" else None}
         if speed:  # a few steps after a warm-up one, until 2 s have passed
             state = jax.jit(exp.init, out_shardings=exp.shardings)()
@@ -414,12 +414,7 @@ def plot_images(cfg: DictConfig, rows: list[dict], path: Path) -> None:
         ax.scatter(*zip(*front), s=160, facecolors="none", edgecolors="gray")
         xs = [x for x, _ in points]
         ax.set(xscale="log" if max(xs) >= 10 * min(xs) else "linear", xlabel=label, ylabel=metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg.arena.name}: {cfg.budget.value:g} {cfg.budget.kind} per run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, axes, path, f"{cfg.arena.name}: {cfg.budget.value:g} {cfg.budget.kind} per run")
 
 
 def plot_language(cfg: DictConfig, rows: list[dict], path: Path) -> None:
@@ -443,9 +438,16 @@ def plot_language(cfg: DictConfig, rows: list[dict], path: Path) -> None:
         if baseline:
             ax.axhline(baseline, color="gray", linewidth=1, linestyle=":", label="unigram")
         ax.set(xscale="log", xlabel=label, ylabel="validation bits per byte" if "bits" in metric else metric)
+    save_figure(fig, axes, path, f"{cfg.arena.name}: {cfg.budget.value:g} {cfg.budget.kind} per run")
+
+
+def save_figure(fig, axes, path: Path, title: str | None = None) -> None:
+    """Grid and legend on every panel, the title over them, written to `path` and closed."""
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg.arena.name}: {cfg.budget.value:g} {cfg.budget.kind} per run")
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -577,11 +579,7 @@ def inference(cfg: DictConfig, out: Path) -> None:
     axes[1].set(xscale="log", yscale="log", xlabel="context (prompt bytes)", ylabel="bytes")
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "inference.png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, axes, out / "inference.png")
     print("\n".join(lines), flush=True)
 
 

@@ -16,10 +16,13 @@ def xla_flops(compiled: Any) -> float:
     return float((compiled.cost_analysis() or {}).get("flops", 0.0))
 
 
-def compiled_flops(fn: Callable, *args) -> float:
-    """FLOPs of `fn(*args)` (jitted or not; args may be jax.ShapeDtypeStruct): XLA's count with scans in full."""
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    return xla_flops(jitted.lower(*args).compile()) + loop_flops(jax.make_jaxpr(fn)(*args).jaxpr, {})
+def compiled_flops(fn: Callable, *args, compiled: Any = None) -> float:
+    """FLOPs of `fn(*args)` (jitted or not; args may be jax.ShapeDtypeStruct): XLA's count with scans in full.
+
+    `compiled`: the compiled `fn` for these args, when the caller has it already (else it is compiled here)."""
+    if compiled is None:
+        compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args).compile()
+    return xla_flops(compiled) + loop_flops(jax.make_jaxpr(fn)(*args).jaxpr, {})
 
 
 def loop_flops(jaxpr: core.Jaxpr, cache: dict) -> float:

@@ -401,8 +401,9 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
                     if is_main:
                         (log.info if plain else bar.write)(
                             f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-                    t0 += time.perf_counter() - t_eval  # the next window's rate counts train steps only
-                    paused += time.perf_counter() - t_eval
+                    eval_seconds = time.perf_counter() - t_eval
+                    t0 += eval_seconds  # the next window's rate counts train steps only
+                    paused += eval_seconds  # and trainer.max_seconds too
                 if checkpoint_now:
                     save(done, state)
                     last_saved = done
