@@ -87,3 +87,10 @@ def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_ba
 
     assert "__ynn_fusion" in reduction_fusions(False)
     assert "__ynn_fusion" not in reduction_fusions(True)
+
+
+def test_a_runtime_switch_that_is_not_a_boolean_is_a_one_line_error():
+    proc = run_cli(["runtime.ynn_reduce_fusion_off=maybe"], check=False, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: runtime.ynn_reduce_fusion_off=maybe is not a switch "
+                                   "(valid: true, false)")

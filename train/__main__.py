@@ -21,7 +21,10 @@ from train import config, runlock, runtime  # noqa: E402
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one configuration; returns the final objective (for sweepers such as optuna)."""
-    runtime.apply(**cfg.runtime)
+    try:
+        runtime.apply(**cfg.runtime)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     import jax
     from jax.errors import JaxRuntimeError
 

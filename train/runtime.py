@@ -32,6 +32,12 @@ def accelerator_installed() -> bool:
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
           ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation."""
+    switches = {"keep_freed_memory": keep_freed_memory, "ynn_conv_fusion_off": ynn_conv_fusion_off,
+                "compilation_cache": compilation_cache, "ynn_dot_fusion_off": ynn_dot_fusion_off,
+                "ynn_reduce_fusion_off": ynn_reduce_fusion_off}
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"runtime.{key}={value} is not a switch (valid: true, false)")
     if keep_freed_memory:
         retain_freed_memory()
     # XLA CPU hands convolutions, dots and reductions to YNNPACK unless told otherwise; then Eigen computes the
