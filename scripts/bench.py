@@ -70,12 +70,14 @@ def items_per_step(cfg) -> int:
 
 def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     """The real train loop; after each logged window it reports and waits for the next command."""
-    from train import runtime
+    from train import autotune, runtime  # jax is imported, not started: the runtime flags still apply
     from train.config import compose
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-archlab-"))
-    steps = window * windows + 1  # the run never reaches its last step: no final eval or checkpoint is timed
-    cfg = compose([*overrides, f"trainer.steps={steps}", f"trainer.log_every={window}",
+    # Warm-up: the compiling first step and runtime.autotune's timed steps (true here: a long run's default).
+    warmup = window * -(-(1 + autotune.ROUNDS * 2) // window)
+    steps = warmup + window * (windows - 1) + 1  # never reaches its last step: no final eval or checkpoint is timed
+    cfg = compose(["runtime.autotune=true", *overrides, f"trainer.steps={steps}", f"trainer.log_every={window}",
                    f"trainer.eval_every={steps}", f"checkpoint.every={steps}", "runtime.compilation_cache=false"])
     runtime.apply(**cfg.runtime)
     import jax
@@ -84,7 +86,9 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     from train.writers import read_metrics
 
     def on_log(step: int, metrics: dict) -> None:
-        if step == window:  # the first window warms up
+        if step < warmup:
+            return
+        if step == warmup:
             compile_s = read_metrics(run_dir / "metrics.jsonl")[0]["train/first_step_seconds"]
             reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg))
         else:

@@ -94,3 +94,9 @@ def test_a_runtime_switch_that_is_not_a_boolean_is_a_one_line_error():
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: runtime.ynn_reduce_fusion_off=maybe is not a switch "
                                    "(valid: true, false)")
+
+
+def test_a_runtime_autotune_that_is_not_true_false_or_auto_is_a_one_line_error():
+    proc = run_cli(["runtime.autotune=always"], check=False, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: runtime.autotune=always is not valid (valid: true, false, auto)"

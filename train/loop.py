@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import models  # noqa: F401  (sets nnx's sharding mode before any model is built)
 from train import mesh as mesh_lib
-from train import pretrained, runlock, targets
+from train import autotune, pretrained, runlock, targets
 from train.checkpoint import Checkpoints
 from train.config import check_missing, check_model_arguments
 from train.datafit import check_model_reads_data, check_vocabulary
@@ -345,6 +345,8 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
         return mesh_lib.global_batch(exp.dataset.train_batch(step, tc.batch_size, exp.shard), exp.mesh)
 
     train_step, eval_step = make_train_step(exp, flat=True), make_eval_step(exp)
+    if autotune.applies(cfg.runtime, tc.steps - start):
+        train_step = autotune.Autotuned(train_step, autotune.dot_candidates(cfg.runtime))
     treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
 
     def current_state():

@@ -30,8 +30,13 @@ def accelerator_installed() -> bool:
 
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
-          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False) -> None:
-    """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation."""
+          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = "auto") -> None:
+    """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation.
+
+    `autotune` is read by the train loop (train/autotune.py); it is checked here, before JAX starts.
+    """
+    if autotune not in (True, False, "auto"):
+        raise ValueError(f"runtime.autotune={autotune} is not valid (valid: true, false, auto)")
     switches = {"keep_freed_memory": keep_freed_memory, "ynn_conv_fusion_off": ynn_conv_fusion_off,
                 "compilation_cache": compilation_cache, "ynn_dot_fusion_off": ynn_dot_fusion_off,
                 "ynn_reduce_fusion_off": ynn_reduce_fusion_off}
