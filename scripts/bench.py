@@ -16,6 +16,7 @@ time, peak RSS, and the share of step time spent waiting for input. Writes JSON 
 
 import argparse
 import json
+import logging
 import os
 import platform
 import resource
@@ -85,12 +86,21 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     from train import loop
     from train.writers import read_metrics
 
+    dots = []  # the dot library runtime.autotune chose, from its log line
+
+    class AutotuneChoice(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            dots.append(record.args[0])
+
+    logging.getLogger("train.autotune").addHandler(AutotuneChoice(logging.INFO))
+    logging.getLogger("train.autotune").setLevel(logging.INFO)
+
     def on_log(step: int, metrics: dict) -> None:
         if step < warmup:
             return
         if step == warmup:
             compile_s = read_metrics(run_dir / "metrics.jsonl")[0]["train/first_step_seconds"]
-            reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg))
+            reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg), dots=dots[-1] if dots else None)
         else:
             reply(steps_per_sec=metrics["train/steps_per_sec"], input_wait=metrics["train/input_wait"],
                   loss=metrics["train/loss"])
@@ -286,7 +296,8 @@ def summarize_entry(name, overrides, window, programs, ready, rounds, peaks, rss
     flops, items = ready["eager"]["flops"], ready["archlab"]["items_per_step"]
     peak = max(peaks)
     out = {"overrides": overrides, "params": ready["eager"]["params"], "window_steps": window,
-           "items_per_step": items, "gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak, "programs": {}}
+           "items_per_step": items, "gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak,
+           "archlab_dots": ready["archlab"].get("dots"), "programs": {}}
     for p in programs:
         rates = [r["steps_per_sec"] for r in rounds[p]]
         median = statistics.median(rates)
@@ -305,7 +316,7 @@ def summarize_entry(name, overrides, window, programs, ready, rounds, peaks, rss
 def markdown(results: dict, meta: dict) -> str:
     """The suite table, one row per entry."""
     head = ["model", "params", "archlab steps/s", "eager steps/s", "compile steps/s", "archlab / eager",
-            "archlab / compile", "archlab items/s", "archlab GFLOP/s (% of peak)",
+            "archlab / compile", "archlab dots", "archlab items/s", "archlab GFLOP/s (% of peak)",
             "compile s (archlab / eager / compile)", "peak RSS MB (archlab / eager)", "input wait (archlab / eager)"]
     lines = [f"Machine: {meta['machine']}; {meta['date']}; `{meta['command']}`; fp32 matmul peak (the best of jax "
              f"and torch, measured in the same run): {meta['matmul_peak_gflops']:.0f} GFLOP/s. Medians over "
@@ -319,7 +330,7 @@ def markdown(results: dict, meta: dict) -> str:
         field = lambda p, k, f: f.format(p[k]) if p and p[k] is not None else "-"
         lines.append("| " + " | ".join([
             name, f"{r['params']:,}", rate(a), rate(e), rate(c), ratio("archlab_over_eager"),
-            ratio("archlab_over_compile"), num(a["items_per_sec"]),
+            ratio("archlab_over_compile"), r.get("archlab_dots") or "-", num(a["items_per_sec"]),
             f"{a['gflops']:.1f} ({100 * a['fraction_of_peak']:.0f}%)",
             " / ".join(field(p, "compile_s", "{:.1f}") for p in (a, e, c)),
             " / ".join(field(p, "peak_rss_mb", "{:.0f}") for p in (a, e)),
