@@ -31,7 +31,9 @@ def test_candidates_follow_the_runtime_switches_and_compile_to_different_dot_ker
     hlo = {name: lowered.compile(compiler_options=options).as_text() for name, options in candidates.items()}
     assert "__ynn_fusion" in hlo["ynnpack"] and "__ynn_fusion" not in hlo["eigen"]
 
-    assert autotune.applies(runtime, autotune.MIN_STEPS) and not autotune.applies(runtime, autotune.MIN_STEPS - 1)
+    assert not autotune.applies(runtime, 10**6)  # off by default: runs stay bitwise repeatable
+    auto = compose(["runtime.autotune=auto"]).runtime
+    assert autotune.applies(auto, autotune.MIN_STEPS) and not autotune.applies(auto, autotune.MIN_STEPS - 1)
     assert autotune.applies(compose(["runtime.autotune=true"]).runtime, 10)
     assert not autotune.applies(compose(["runtime.autotune=false"]).runtime, 10**6)
     assert not autotune.applies(compose(["runtime.ynn_dot_fusion_off=true"]).runtime, 10**6)

@@ -5,7 +5,8 @@ repository's benchmark Eigen ran the 6-layer d 384 GPT's step 1.15x faster and t
 fast (README, Performance). So the step is compiled both ways, and the first training steps, which are real
 steps of the run (both programs compute the same update), alternate between the two and are timed; the faster
 program runs the rest of the run. Like `torch.backends.cudnn.benchmark`: a few seconds of compile time at the
-start for every step after it.
+start for every step after it, and off by default for the same reason: the choice depends on timings, the two
+libraries round differently, and a re-run or a resumed run is then no longer bitwise identical to the first.
 """
 
 import logging
@@ -16,7 +17,7 @@ import jax
 
 log = logging.getLogger(__name__)
 
-MIN_STEPS = 200  # autotune=auto tunes runs of at least this many steps (the extra compile pays for itself)
+MIN_STEPS = 200  # runtime.autotune=auto tunes runs of at least this many steps (the extra compile pays off)
 ROUNDS = 4  # timed calls of each program; the first of each is dropped (one-time set-up inside the kernels)
 MARGIN = 0.05  # a program other than the first (the configured default) must be this much faster to be chosen
 FUSION_TYPES = "xla_cpu_experimental_ynn_fusion_type"

@@ -30,7 +30,7 @@ def accelerator_installed() -> bool:
 
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
-          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = "auto") -> None:
+          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = False) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation.
 
     `autotune` is read by the train loop (train/autotune.py); it is checked here, before JAX starts.
