@@ -75,7 +75,7 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     from train.config import compose
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-archlab-"))
-    # Warm-up: the compiling first step and runtime.autotune's timed steps (true here: a long run's default).
+    # Warm-up: the compiling first step and runtime.autotune's timed steps (on here, as for a long CPU run).
     warmup = window * -(-(1 + autotune.ROUNDS * 2) // window)
     steps = warmup + window * (windows - 1) + 1  # never reaches its last step: no final eval or checkpoint is timed
     cfg = compose(["runtime.autotune=true", *overrides, f"trainer.steps={steps}", f"trainer.log_every={window}",

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import jax
 
+from train.runtime import YNN_SWITCHES
+
 log = logging.getLogger(__name__)
 
 MIN_STEPS = 200  # runtime.autotune=auto tunes runs of at least this many steps (the extra compile pays off)
@@ -25,12 +27,11 @@ FUSION_TYPES = "xla_cpu_experimental_ynn_fusion_type"
 
 def dot_candidates(runtime: dict) -> dict[str, dict[str, str]]:
     """Compiler options of each open dot-library choice under the `runtime` switches (one: nothing to tune)."""
-    kept = [kind for kind, off in (("INDIVIDUAL_CONVOLUTION", runtime["ynn_conv_fusion_off"]),
-                                   ("REDUCE", runtime["ynn_reduce_fusion_off"])) if not off]
-    options = lambda kinds: {FUSION_TYPES: ",".join(f"LIBRARY_FUSION_TYPE_{kind}" for kind in kinds)}
+    kept = [kind for key, kind in YNN_SWITCHES.items() if key != "ynn_dot_fusion_off" and not runtime[key]]
+    options = lambda kinds: {FUSION_TYPES: ",".join(f"LIBRARY_FUSION_TYPE_{kind.upper()}" for kind in kinds)}
     if runtime["ynn_dot_fusion_off"]:
         return {"eigen": options(kept)}
-    return {"ynnpack": options([*kept, "INDIVIDUAL_DOT"]), "eigen": options(kept)}
+    return {"ynnpack": options([*kept, YNN_SWITCHES["ynn_dot_fusion_off"]]), "eigen": options(kept)}
 
 
 def applies(runtime: dict, steps: int) -> bool:

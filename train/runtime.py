@@ -7,6 +7,10 @@ import os
 import sys
 from pathlib import Path
 
+# The `runtime` switches that take an op kind from YNNPACK, and XLA's name for that kind (train/autotune.py too).
+YNN_SWITCHES = {"ynn_conv_fusion_off": "individual_convolution", "ynn_dot_fusion_off": "individual_dot",
+                "ynn_reduce_fusion_off": "reduce"}
+
 # glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 
@@ -47,9 +51,7 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
         retain_freed_memory()
     # XLA CPU hands convolutions, dots and reductions to YNNPACK unless told otherwise; then Eigen computes the
     # convolutions and dots, and XLA's own loop fusions the reductions (fused with what feeds them).
-    off = [kind for kind, switch in (("individual_convolution", ynn_conv_fusion_off),
-                                     ("individual_dot", ynn_dot_fusion_off), ("reduce", ynn_reduce_fusion_off))
-           if switch]
+    off = [kind for key, kind in YNN_SWITCHES.items() if switches[key]]
     if off and not accelerator_installed():
         flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off)
         if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
