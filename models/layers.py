@@ -15,6 +15,10 @@ from models.mlp import activation_fn
 
 log = logging.getLogger(__name__)
 
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit: exp underflows to 0, a fully masked row stays finite
+CAUSAL_QUERY_BLOCKS = 4  # causal_blocked_attention: 4 blocks ran fastest at T 128-1024 on the 2-core CPU
+CAUSAL_BLOCKED_MIN_LEN = 128  # below, one masked product is as fast (T 64: 1.0x)
+
 
 class KVCache(NamedTuple):
     """Projected keys and values of one attention layer; `index` = how many positions are filled."""
@@ -24,13 +28,15 @@ class KVCache(NamedTuple):
     index: jax.Array  # () int32
 
 
-def attention_kernel(dtype: jnp.dtype, *, masked: bool, seq_len: int, backend: str | None = None) -> tuple[str, str]:
+def attention_kernel(dtype: jnp.dtype, *, masked: bool, seq_len: int, backend: str | None = None,
+                     causal: bool = False) -> tuple[str, str]:
     """(kernel, why) for one attention call: the fused kernel of the backend where it can serve, else plain XLA.
 
     GPU: cuDNN flash attention for bf16/fp16 with a causal mask or none (it takes no fp32, and archlab's
     explicit boolean masks stay on the plain path). TPU: the Pallas flash attention kernel shipped with JAX,
     for sequences in whole 128-blocks and no explicit mask. CPU: einsum + softmax, measured 1.1x faster here
-    than `jax.nn.dot_product_attention`'s XLA path.
+    than `jax.nn.dot_product_attention`'s XLA path; causal self-attention over 128 positions or more (and no
+    explicit mask) in query blocks that skip the keys after them (`causal_blocked_attention`).
     """
     backend = backend or jax.default_backend()
     low_precision = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
@@ -46,6 +52,8 @@ def attention_kernel(dtype: jnp.dtype, *, masked: bool, seq_len: int, backend: s
         if seq_len % 128:
             return "xla", f"sequence length {seq_len} is not a multiple of the kernel's 128-blocks"
         return "pallas_flash", "TPU"
+    if causal and not masked and seq_len >= CAUSAL_BLOCKED_MIN_LEN and seq_len % CAUSAL_QUERY_BLOCKS == 0:
+        return "blocked_causal", f"{backend}: causal, {CAUSAL_QUERY_BLOCKS} query blocks skip the keys after them"
     return "einsum", f"{backend}: einsum + softmax"
 
 
@@ -67,7 +75,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     Masked logits take a large negative value (exp underflows to exactly 0, as with -inf, the value jax uses),
     so that a fully masked row, e.g. an all-padding source, stays finite.
     """
-    kernel, why = attention_kernel(q.dtype, masked=mask is not None, seq_len=q.shape[1])
+    kernel, why = attention_kernel(q.dtype, masked=mask is not None, seq_len=q.shape[1], causal=causal)
     _announce(kernel, why)
     if kernel == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
@@ -77,17 +85,44 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         heads_first = [t.swapaxes(1, 2) for t in (q, k, v)]  # the kernel's (B, H, T, Dh) layout
         y = flash_attention(*heads_first, causal=causal, sm_scale=q.shape[-1] ** -0.5)
         return y.swapaxes(1, 2)
+    if kernel == "blocked_causal":
+        return causal_blocked_attention(q, k, v)
     if causal:
         causal_mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]  # (1, 1, T, S)
         mask = causal_mask if mask is None else mask & causal_mask
     if kernel == "xla":
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return einsum_attention(q, k, v, mask)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """softmax(q k^T / sqrt(Dh)) v written out: two einsums and a softmax in fp32, masked logits -> MASKED."""
     logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
     logits = logits.astype(jnp.float32)
     if mask is not None:
-        logits = jnp.where(mask, logits, -0.7 * jnp.finfo(jnp.float32).max)
+        logits = jnp.where(mask, logits, MASKED)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                             blocks: int = CAUSAL_QUERY_BLOCKS) -> jax.Array:
+    """Causal self-attention with the queries in `blocks` blocks, each attending only to keys up to its end.
+
+    The logits above the diagonal blocks are never computed: (blocks + 1) / (2 blocks) of the FLOPs and memory
+    of the full T x T product (5/8 for 4 blocks). On the 2-core CPU, forward and backward ran 1.2-1.9x faster
+    than the masked einsums at T 128-1024 (README, Performance); more, smaller blocks cost more than they save.
+    """
+    t = q.shape[1]
+    size = t // blocks
+    diagonal = jnp.tril(jnp.ones((size, size), bool))
+    out = []
+    for i in range(blocks):
+        earlier = jnp.ones((size, i * size), bool)  # the keys of earlier blocks: all visible
+        mask = jnp.concatenate([earlier, diagonal], axis=1)[None, None]  # (1, 1, size, (i + 1) size)
+        end = (i + 1) * size
+        out.append(einsum_attention(q[:, i * size:end], k[:, :end], v[:, :end], mask))
+    return jnp.concatenate(out, axis=1)
 
 
 class MultiHeadAttention(nnx.Module):

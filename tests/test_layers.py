@@ -78,6 +78,35 @@ def test_attention_kernel_choice(backend, dtype, masked, seq_len, kernel):
     assert attention_kernel(dtype, masked=masked, seq_len=seq_len, backend=backend)[0] == kernel
 
 
+@pytest.mark.parametrize("masked, seq_len, kernel", [
+    (False, 128, "blocked_causal"),
+    (False, 1024, "blocked_causal"),
+    (False, 64, "einsum"),    # short: one masked product is as fast
+    (False, 130, "einsum"),   # not 4 whole query blocks
+    (True, 256, "einsum"),    # an explicit mask besides the causal one
+])
+def test_causal_attention_on_cpu_takes_query_blocks_from_128_positions(masked, seq_len, kernel):
+    assert attention_kernel(jnp.float32, masked=masked, seq_len=seq_len, backend="cpu", causal=True)[0] == kernel
+    assert attention_kernel(jnp.float32, masked=masked, seq_len=seq_len, backend="gpu", causal=True)[0] != kernel
+
+
+def test_blocked_causal_attention_matches_the_masked_product_values_and_gradients():
+    t = 128
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, H, 8)) for i in range(4))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+    loss = lambda attend: lambda q, k, v: (attend(q, k, v) * dy).sum()
+    blocked = jax.value_and_grad(loss(layers.causal_blocked_attention), argnums=(0, 1, 2))(q, k, v)
+    masked = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))(
+        q, k, v)
+    for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(masked)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the future never leaks: changing the last key and value leaves every earlier output as it was
+    y = layers.causal_blocked_attention(q, k, v)
+    y2 = layers.causal_blocked_attention(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
+    np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
+    assert not np.allclose(y[:, -1], y2[:, -1])
+
+
 def test_causal_flag_equals_the_causal_mask_and_is_logged_once(caplog):
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, H, 8)) for i in range(3))
     mask = jnp.tril(jnp.ones((7, 7), bool))[None, None]
