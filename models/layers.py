@@ -15,7 +15,7 @@ from models.mlp import activation_fn
 
 log = logging.getLogger(__name__)
 
-MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit: exp underflows to 0, a fully masked row stays finite
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # a masked logit: exp underflows to 0, yet rows stay finite
 CAUSAL_QUERY_BLOCKS = 4  # causal_blocked_attention: 4 blocks ran fastest at T 128-1024 on the 2-core CPU
 CAUSAL_BLOCKED_MIN_LEN = 128  # below, one masked product is as fast (T 64: 1.0x)
 
@@ -114,6 +114,9 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     than the masked einsums at T 128-1024 (README, Performance); more, smaller blocks cost more than they save.
     """
     t = q.shape[1]
+    if t % blocks or k.shape[1] != t:
+        raise ValueError(f"causal_blocked_attention: {t} queries and {k.shape[1]} keys; needs as many keys as "
+                         f"queries and a length divisible by blocks={blocks}")
     size = t // blocks
     diagonal = jnp.tril(jnp.ones((size, size), bool))
     out = []

@@ -100,11 +100,16 @@ def test_blocked_causal_attention_matches_the_masked_product_values_and_gradient
         q, k, v)
     for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(masked)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if jax.default_backend() == "cpu":  # where dot_product_attention(causal=True) takes the blocks
+        np.testing.assert_array_equal(dot_product_attention(q, k, v, causal=True),
+                                      layers.causal_blocked_attention(q, k, v))
     # the future never leaks: changing the last key and value leaves every earlier output as it was
     y = layers.causal_blocked_attention(q, k, v)
     y2 = layers.causal_blocked_attention(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
     np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
     assert not np.allclose(y[:, -1], y2[:, -1])
+    with pytest.raises(ValueError, match="130 queries and 130 keys.*divisible by blocks=4"):
+        layers.causal_blocked_attention(*(jnp.zeros((1, 130, H, 8)) for _ in range(3)))
 
 
 def test_causal_flag_equals_the_causal_mask_and_is_logged_once(caplog):
