@@ -100,3 +100,46 @@ def test_a_runtime_autotune_that_is_not_true_false_or_auto_is_a_one_line_error()
     proc = run_cli(["runtime.autotune=always"], check=False, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: runtime.autotune=always is not valid (valid: true, false, auto)"
+
+
+def test_small_kernel_models_split_the_cpu_into_two_devices_and_an_explicit_count_wins():
+    """vit_tiny, the Transformer, Mamba and Simba select runtime cpu_devices=2: two XLA CPU devices, the batch
+    split over them by the mesh's data axis, each device's Eigen kernels single-threaded."""
+    import os
+    import subprocess
+    import sys
+
+    for overrides in (["model=vit_tiny"], ["model=transformer", "data=numbers_en_fr"], ["model=mamba", "data=bytes"],
+                      ["model=simba"]):
+        assert compose(overrides).runtime.cpu_devices == 2, overrides
+    for overrides in (["model=gpt", "data=bytes"], ["model=lenet"], ["model=resnet20"], ["model=mlp"],
+                      ["model=vit_tiny", "runtime=default"]):
+        assert compose(overrides).runtime.cpu_devices == 1, overrides
+    assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off  # ssm keeps its own switch
+
+    def devices(xla_flags: str | None) -> list[str]:
+        code = ("import os; from train import runtime; runtime.apply(keep_freed_memory=False, "
+                "ynn_conv_fusion_off=False, compilation_cache=False, cpu_devices=2); import jax; "
+                "print(jax.device_count(), os.environ['XLA_FLAGS'])")
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": xla_flags} if xla_flags else {})
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout.split()
+
+    count, *flags = devices(None)
+    assert count == "2" and "--xla_cpu_multi_thread_eigen=false" in flags
+    assert devices("--xla_force_host_platform_device_count=3")[0] == "3"
+
+
+def test_a_cpu_device_count_that_is_not_a_positive_integer_is_a_one_line_error():
+    proc = run_cli(["runtime.cpu_devices=0"], check=False, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: runtime.cpu_devices=0 is not valid (valid: a positive integer, the number "
+                                   "of CPU devices the step is split over)")
+
+
+def test_a_batch_the_split_cpu_cannot_divide_names_the_runtime_switch():
+    proc = run_cli(["model=vit_tiny", "trainer.batch_size=7"], check=False, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("error: trainer.batch_size=7 is not divisible by the 2 data-parallel devices (mesh "
+                                   "data x fsdp = 2 x 1); use a multiple of 2, or runtime.cpu_devices=1 (this config "
+                                   "splits the CPU into 2 devices)")

@@ -107,11 +107,14 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     # ---- Devices ----
     mesh = mesh_lib.make_mesh(**cfg.mesh)
     dp = mesh_lib.data_parallel_size(mesh)
+    split = cfg.get("runtime", {}).get("cpu_devices", 1)
+    hint = (f", or runtime.cpu_devices=1 (this config splits the CPU into {split} devices)"
+            if split > 1 and jax.default_backend() == "cpu" else "")
     for key in ("batch_size", "eval_batch_size"):
         if tc[key] % dp:
             raise ValueError(f"trainer.{key}={tc[key]} is not divisible by the {dp} data-parallel devices "
                              f"(mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
-                             f"use a multiple of {dp}")
+                             f"use a multiple of {dp}{hint}")
     accum = tc.grad_accum
     if tc.batch_size % (accum * dp):
         raise ValueError(f"trainer.batch_size={tc.batch_size} must split into trainer.grad_accum={accum} "

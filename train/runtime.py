@@ -27,6 +27,18 @@ def retain_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
+def split_cpu(devices: int) -> None:
+    """Make the CPU `devices` XLA devices, so that the mesh splits each batch over them (data parallel in one
+    process), each device's Eigen kernels on its own thread. Small kernels keep two cores busier this way than
+    split inside each op (ViT-tiny 1.2-1.3x, Mamba 1.3x here; README Performance). An explicit device count in
+    XLA_FLAGS (tests with 8 fake devices) wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return
+    os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={devices} "
+                               f"--xla_cpu_multi_thread_eigen=false").strip()
+
+
 def accelerator_installed() -> bool:
     """Whether a GPU or TPU plugin is installed (then CPU-only XLA flags must not be set)."""
     return any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu",
@@ -34,13 +46,17 @@ def accelerator_installed() -> bool:
 
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
-          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = False) -> None:
+          ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = False,
+          cpu_devices: int = 1) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation.
 
     `autotune` is read by the train loop (train/autotune.py); it is checked here, before JAX starts.
     """
     if autotune not in (True, False, "auto"):
         raise ValueError(f"runtime.autotune={autotune} is not valid (valid: true, false, auto)")
+    if isinstance(cpu_devices, bool) or not isinstance(cpu_devices, int) or cpu_devices < 1:
+        raise ValueError(f"runtime.cpu_devices={cpu_devices} is not valid (valid: a positive integer, "
+                         f"the number of CPU devices the step is split over)")
     switches = {"keep_freed_memory": keep_freed_memory, "ynn_conv_fusion_off": ynn_conv_fusion_off,
                 "compilation_cache": compilation_cache, "ynn_dot_fusion_off": ynn_dot_fusion_off,
                 "ynn_reduce_fusion_off": ynn_reduce_fusion_off}
@@ -56,6 +72,8 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
         flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off)
         if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
             os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+    if cpu_devices > 1 and not accelerator_installed():
+        split_cpu(cpu_devices)
     if compilation_cache:
         import jax
 
