@@ -83,7 +83,8 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_relaunch_resumes_i
         line = re.fullmatch(rf"error: lost process ([\d, ]+) of 4 \(no heartbeat for {TIMEOUT} s\); relaunch all 4 "
                             rf"processes with the same command to resume from the last complete checkpoint", lines[-1])
         if line is None:  # gloo may end a process whose collective the kill cut mid-message, at once, in its own words
-            assert returncode < 0 and any(GLOO_ABORT in text for text in lines[-3:]), lines[-5:]
+            # (the abort's stack trace, from whichever thread aborts, may follow gloo's line)
+            assert returncode < 0 and any(GLOO_ABORT in text for text in lines), lines[-5:]
             continue
         assert returncode == 1 and "2" in line[1].split(", "), lines[-5:]
         named += 1

@@ -108,3 +108,24 @@ def test_the_loops_flat_step_equals_the_step_on_the_state_tree(tmp_path):
     for a, b in zip(jax.tree.leaves(state), leaves, strict=True):
         np.testing.assert_allclose(values(a), values(b), rtol=1e-6, atol=1e-7)
     assert jax.tree.structure(jax.tree.unflatten(jax.tree.structure(state), leaves)) == jax.tree.structure(state)
+
+
+def test_the_cpu_split_into_two_devices_follows_one_device_and_its_checkpoint_resumes_on_one(tmp_path):
+    """runtime.cpu_devices=2 from the command line: the batch split over 2 CPU devices gives one device's losses
+    (up to the all-reduce's order), and its checkpoint resumes in a run on one device."""
+    args = ["model=mlp", "model.hidden=[32]", "trainer.batch_size=16", "trainer.log_every=1", "trainer.eval_every=10",
+            "checkpoint.every=10"]
+    env = {"XLA_FLAGS": ""}  # the device count comes from the switch alone
+    split, single = tmp_path / "split", tmp_path / "single"
+    proc = run_cli([*args, "trainer.steps=10", "runtime.cpu_devices=2", f"hydra.run.dir={split}"], env=env)
+    log = proc.stdout + proc.stderr
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in log
+    run_cli([*args, "trainer.steps=10", f"hydra.run.dir={single}"], env=env)
+    losses = [[r["train/loss"] for r in read_metrics(d / "metrics.jsonl") if "train/loss" in r] for d in (split, single)]
+    assert len(losses[0]) == 10 and losses[0][-1] < losses[0][0]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=0, atol=1e-5)
+
+    proc = run_cli([*args, "trainer.steps=20", "runtime.cpu_devices=1", f"hydra.run.dir={split}"], env=env)
+    log = proc.stdout + proc.stderr
+    assert "resumed from step 10" in log and "mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in log
+    assert len([r for r in read_metrics(split / "metrics.jsonl") if "train/loss" in r]) == 20
