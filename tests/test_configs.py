@@ -143,3 +143,16 @@ def test_a_batch_the_split_cpu_cannot_divide_names_the_runtime_switch():
     assert proc.stderr.strip() == ("error: trainer.batch_size=7 is not divisible by the 2 data-parallel devices (mesh "
                                    "data x fsdp = 2 x 1); use a multiple of 2, or runtime.cpu_devices=1 (this config "
                                    "splits the CPU into 2 devices)")
+
+
+def test_a_cpu_split_that_came_too_late_is_said_in_the_log(tmp_path, caplog):
+    """In a process whose JAX already runs (a sweep's later jobs, this test), runtime.cpu_devices cannot apply."""
+    import jax
+
+    from train.loop import setup
+
+    assert jax.local_device_count() == 1
+    with caplog.at_level("WARNING", logger="train.loop"):
+        setup(compose(["model=vit_tiny", "model.depth=1"]), tmp_path)
+    assert ("runtime.cpu_devices=2 did not apply: JAX had started with 1 CPU device(s) (XLA_FLAGS, or an earlier job "
+            "of this process: a sweep's jobs share the first one's)") in caplog.messages

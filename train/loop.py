@@ -108,8 +108,13 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     mesh = mesh_lib.make_mesh(**cfg.mesh)
     dp = mesh_lib.data_parallel_size(mesh)
     split = cfg.get("runtime", {}).get("cpu_devices", 1)
+    on_cpu = jax.default_backend() == "cpu"
+    if on_cpu and split > 1 and jax.local_device_count() != split:
+        log.warning("runtime.cpu_devices=%d did not apply: JAX had started with %d CPU device(s) (XLA_FLAGS, or an "
+                    "earlier job of this process: a sweep's jobs share the first one's)", split,
+                    jax.local_device_count())
     hint = (f", or runtime.cpu_devices=1 (this config splits the CPU into {split} devices)"
-            if split > 1 and jax.default_backend() == "cpu" else "")
+            if split > 1 and on_cpu else "")
     for key in ("batch_size", "eval_batch_size"):
         if tc[key] % dp:
             raise ValueError(f"trainer.{key}={tc[key]} is not divisible by the {dp} data-parallel devices "
