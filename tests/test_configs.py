@@ -52,24 +52,25 @@ def test_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
     assert compose(["model=gpt2_small", "trainer.compute_dtype=bfloat16"]).model.dtype == "bfloat16"
 
 
-def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
+def after_runtime_apply(switches: str, code: str, xla_flags: str | None = None) -> str:
+    """stdout of `code` run in a fresh Python after runtime.apply(SWITCHES), with XLA_FLAGS unset or `xla_flags`."""
     import os
     import subprocess
     import sys
 
-    code = ("import os; from train import runtime; runtime.apply(keep_freed_memory=False, ynn_conv_fusion_off=True, "
-            "compilation_cache=False, ynn_dot_fusion_off=True, ynn_reduce_fusion_off=True); print(os.environ['XLA_FLAGS'])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
-    assert out.stdout.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": xla_flags} if xla_flags else {})
+    script = f"import os; from train import runtime; runtime.apply(keep_freed_memory=False, {switches}); {code}"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
+    out = after_runtime_apply("ynn_conv_fusion_off=True, compilation_cache=False, ynn_dot_fusion_off=True, "
+                              "ynn_reduce_fusion_off=True", "print(os.environ['XLA_FLAGS'])")
+    assert out.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce"
 
 
 def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_back():
     """model=mamba/simba select conf/runtime/ssm.yaml; under it XLA, not YNNPACK, compiles a reduction."""
-    import os
-    import subprocess
-    import sys
-
     from train.config import compose
 
     assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off
@@ -78,12 +79,10 @@ def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_ba
     assert not compose(["model=mamba", "data=bytes", "runtime=default"]).runtime.ynn_reduce_fusion_off
 
     def reduction_fusions(reduce_off: bool) -> str:
-        code = ("from train import runtime; runtime.apply(keep_freed_memory=False, ynn_conv_fusion_off=False, "
-                f"compilation_cache=False, ynn_reduce_fusion_off={reduce_off}); import jax, jax.numpy as jnp; "
-                "x = jnp.ones((16, 256, 16)); "
-                "print(jax.jit(lambda a: jnp.sum(a * a, axis=-1)).lower(x).compile().as_text())")
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}).stdout
+        return after_runtime_apply(
+            f"ynn_conv_fusion_off=False, compilation_cache=False, ynn_reduce_fusion_off={reduce_off}",
+            "import jax, jax.numpy as jnp; x = jnp.ones((16, 256, 16)); "
+            "print(jax.jit(lambda a: jnp.sum(a * a, axis=-1)).lower(x).compile().as_text())")
 
     assert "__ynn_fusion" in reduction_fusions(False)
     assert "__ynn_fusion" not in reduction_fusions(True)
@@ -105,10 +104,6 @@ def test_a_runtime_autotune_that_is_not_true_false_or_auto_is_a_one_line_error()
 def test_small_kernel_models_split_the_cpu_into_two_devices_and_an_explicit_count_wins():
     """vit_tiny, the Transformer, Mamba and Simba select runtime cpu_devices=2: two XLA CPU devices, the batch
     split over them by the mesh's data axis, each device's Eigen kernels single-threaded."""
-    import os
-    import subprocess
-    import sys
-
     for overrides in (["model=vit_tiny"], ["model=transformer", "data=numbers_en_fr"], ["model=mamba", "data=bytes"],
                       ["model=simba"]):
         assert compose(overrides).runtime.cpu_devices == 2, overrides
@@ -118,12 +113,8 @@ def test_small_kernel_models_split_the_cpu_into_two_devices_and_an_explicit_coun
     assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off  # ssm keeps its own switch
 
     def devices(xla_flags: str | None) -> list[str]:
-        code = ("import os; from train import runtime; runtime.apply(keep_freed_memory=False, "
-                "ynn_conv_fusion_off=False, compilation_cache=False, cpu_devices=2); import jax; "
-                "print(jax.device_count(), os.environ['XLA_FLAGS'])")
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": xla_flags} if xla_flags else {})
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env=env).stdout.split()
+        return after_runtime_apply("ynn_conv_fusion_off=False, compilation_cache=False, cpu_devices=2",
+                                   "import jax; print(jax.device_count(), os.environ['XLA_FLAGS'])", xla_flags).split()
 
     count, *flags = devices(None)
     assert count == "2" and "--xla_cpu_multi_thread_eigen=false" in flags

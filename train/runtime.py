@@ -32,11 +32,14 @@ def split_cpu(devices: int) -> None:
     process), each device's Eigen kernels on its own thread. Small kernels keep two cores busier this way than
     split inside each op (ViT-tiny 1.2-1.3x, Mamba 1.3x here; README Performance). An explicit device count in
     XLA_FLAGS (tests with 8 fake devices) wins."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags:
-        return
-    os.environ["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={devices} "
-                               f"--xla_cpu_multi_thread_eigen=false").strip()
+    add_xla_flags(f"--xla_force_host_platform_device_count={devices}", "--xla_cpu_multi_thread_eigen=false")
+
+
+def add_xla_flags(*flags: str) -> None:
+    """Append `flags` to XLA_FLAGS unless the first one's name is set there already (the user's choice wins)."""
+    current = os.environ.get("XLA_FLAGS", "")
+    if flags[0].split("=")[0] not in current:
+        os.environ["XLA_FLAGS"] = " ".join([current, *flags]).strip()
 
 
 def accelerator_installed() -> bool:
@@ -69,9 +72,7 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
     # convolutions and dots, and XLA's own loop fusions the reductions (fused with what feeds them).
     off = [kind for key, kind in YNN_SWITCHES.items() if switches[key]]
     if off and not accelerator_installed():
-        flag = "--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off)
-        if "xla_cpu_experimental_ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
-            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+        add_xla_flags("--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off))
     if cpu_devices > 1 and not accelerator_installed():
         split_cpu(cpu_devices)
     if compilation_cache:
