@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from data.digits import Digits
 from train.loop import run
 from train.writers import read_metrics, train_minutes
 
@@ -24,6 +25,22 @@ def test_training_on_digits_reaches_accuracy(cfg_for, tmp_path, model, steps, ba
     assert json.loads((tmp_path / "final_metrics.json").read_text()) == final
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["150", "300"]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+class SlowDigits(Digits):
+    """Digits whose loader takes 40 ms a batch, ten times an MLP step: the device waits for input."""
+
+    def train_batch(self, step, batch_size, shard=(0, 1)):
+        time.sleep(0.04)
+        return super().train_batch(step, batch_size, shard)
+
+
+def test_input_wait_counts_the_time_the_device_waits_for_a_slow_loader(cfg_for, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHLAB_TARGETS", "tests")
+    run(cfg_for("model=mlp", "data._target_=tests.test_train.SlowDigits", "trainer.steps=30", "trainer.log_every=10",
+                "trainer.eval_every=1000"), tmp_path)
+    waits = [r["train/input_wait"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train/input_wait" in r]
+    assert len(waits) == 3 and all(0.5 < w < 1 for w in waits)
 
 
 def test_profile_writes_a_trace_of_the_chosen_steps(cfg_for, tmp_path):
