@@ -179,3 +179,30 @@ def test_max_pool_equals_nnx_max_pool_and_routes_the_gradient_to_the_maximum(sha
     grad_ref = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (window, window), strides=(window, window))
                                           * jnp.arange(1.0, want.size + 1).reshape(want.shape)))(x)
     np.testing.assert_array_equal(grad, grad_ref)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, custom", [
+    (1, 6, 5, 1, "VALID", True),        # LeNet conv1: shifted multiply-adds
+    (6, 16, 5, 1, "VALID", True),       # LeNet conv2: Eigen forward, col2im input gradient
+    (3, 16, 3, 1, [(1, 1), (1, 1)], True),  # a CIFAR stem, torchvision padding
+    (2, 4, 3, 1, "SAME", True),
+    (16, 16, 3, 1, "SAME", False),      # many channels: lax
+    (1, 8, 3, 2, "SAME", False),        # strided: lax
+])
+def test_few_channel_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding, custom):
+    def model(conv_fn) -> nnx.Conv:
+        return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=padding, conv_general_dilated=conv_fn,
+                        rngs=nnx.Rngs(0))
+
+    x = jax.random.normal(jax.random.key(1), (2, 11, 10, c_in))
+    fast, plain = model(layers.few_channel_conv), model(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+    def loss(m: nnx.Conv, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(m(x)))  # a non-constant output gradient
+
+    (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
+    np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
+    assert ("custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))) is custom
