@@ -245,11 +245,11 @@ def few_channel_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lh
     multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul and a col2im.
     The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
     """
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if (jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.shape[2] > FEW_CHANNELS or dilated
             or any(s != 1 for s in window_strides) or feature_group_count != 1
-            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
             or any(v is not None for v in kwargs.values())):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
@@ -269,7 +269,11 @@ def _few_channel_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     if c > SHIFTED_CHANNELS:
         return _valid_conv(x, w)
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    return sum(x[:, i:i + ho, j:j + wo, k:k + 1] * w[i, j, k] for i in range(kh) for j in range(kw) for k in range(c))
+    out = jnp.result_type(x, w)
+    acc = jnp.promote_types(out, jnp.float32)  # bf16 inputs still add up in fp32, as the convolution would
+    xa, wa = x.astype(acc), w.astype(acc)
+    return sum(xa[:, i:i + ho, j:j + wo, k:k + 1] * wa[i, j, k]
+               for i in range(kh) for j in range(kw) for k in range(c)).astype(out)
 
 
 def _few_channel_conv_fwd(x: jax.Array, w: jax.Array):

@@ -206,3 +206,13 @@ def test_few_channel_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, s
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
     assert ("custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))) is custom
+
+
+def test_few_channel_conv_keeps_bfloat16_and_other_ranks():
+    conv = nnx.Conv(1, 4, (3, 3), dtype=jnp.bfloat16, conv_general_dilated=layers.few_channel_conv, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 9, 9, 1))
+    plain = nnx.Conv(1, 4, (3, 3), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert conv(x).dtype == jnp.bfloat16
+    np.testing.assert_allclose(conv(x).astype(jnp.float32), plain(x).astype(jnp.float32), rtol=2e-2, atol=2e-2)
+    conv1d = nnx.Conv(2, 3, (3,), conv_general_dilated=layers.few_channel_conv, rngs=nnx.Rngs(0))  # (B, L, C): lax
+    assert conv1d(jnp.ones((2, 7, 2))).shape == (2, 7, 3)
