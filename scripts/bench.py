@@ -86,11 +86,12 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     from train import loop
     from train.writers import read_metrics
 
-    dots = []  # the dot library runtime.autotune chose, from its log line
+    dots = []  # the dot library runtime.autotune chose, from its log record
 
     class AutotuneChoice(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            dots.append(record.args[0])
+            if hasattr(record, "autotune_choice"):
+                dots.append(record.autotune_choice)
 
     logging.getLogger("train.autotune").addHandler(AutotuneChoice(logging.INFO))
     logging.getLogger("train.autotune").setLevel(logging.INFO)

@@ -67,7 +67,8 @@ class Autotuned:
         if self.calls == self.rounds * len(names):
             self.choice = fastest(self.seconds)
             log.info("autotune: dots on %s (fastest step: %s ms)", self.choice,
-                     ", ".join(f"{n} {1000 * min(s[1:]):.1f}" for n, s in self.seconds.items()))
+                     ", ".join(f"{n} {1000 * min(s[1:]):.1f}" for n, s in self.seconds.items()),
+                     extra={"autotune_choice": self.choice})  # for scripts/bench.py
         return out
 
 
