@@ -346,7 +346,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--window-seconds", type=float, default=2.0, help="target length of one timed window")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile column")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "bench.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "bench.json",
+                        help="the JSON file (a .md table beside it), or a folder to write bench.json into")
     parser.add_argument("--worker", choices=PROGRAMS, help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--windows", type=int, help=argparse.SUPPRESS)
@@ -367,6 +368,13 @@ def main() -> None:
         check_group_choices(args.set)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if args.out.is_dir():
+        args.out = args.out / "bench.json"
+    try:  # a bad --out fails now, not after the suite's 20 minutes
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.touch()
+    except OSError as e:
+        sys.exit(f"error: --out {args.out} cannot be written ({e.strerror}); give a writable file or folder")
     cache = tempfile.mkdtemp(prefix="bench-inductor-")  # cold torch.compile, as archlab's compile is cold
     env = os.environ | {"PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache}
     results = {}
@@ -374,17 +382,31 @@ def main() -> None:
         for name in args.entries or SUITE:
             print(f"bench: {name} ...", file=sys.stderr, flush=True)
             results[name] = bench_entry(name, [*SUITE[name], *args.set], args, env)
+            table = write_results(args.out, results, args.rounds)  # after each entry: a crash keeps the rest
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-    meta = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or platform.system()}",
-            "date": date.today().isoformat(), "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
-            "rounds": args.rounds,
-            "matmul_peak_gflops": max(r["matmul_peak_gflops"] for r in results.values())}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    table = markdown(results, meta)
-    args.out.with_suffix(".md").write_text(table)
     print(table)
+
+
+def write_results(out: Path, results: dict, rounds: int) -> str:
+    """Write the JSON and the markdown table of the entries timed so far; return the table."""
+    meta = {"machine": machine(), "date": date.today().isoformat(),
+            "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]), "rounds": rounds,
+            "matmul_peak_gflops": max(r["matmul_peak_gflops"] for r in results.values())}
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    table = markdown(results, meta)
+    out.with_suffix(".md").write_text(table)
+    return table
+
+
+def machine() -> str:
+    """Architecture, CPU count and CPU model (the model name from /proc/cpuinfo where there is one)."""
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.system()
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {name}"
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ pytest.importorskip("torch")
 
 
 def test_bench_runs_and_its_figures_are_sane(tmp_path):
-    out = tmp_path / "bench.json"
-    run_cli(["mlp", "--rounds", "2", "--window-seconds", "0.2", "--out", str(out)], module="scripts/bench.py",
+    out = tmp_path / "bench.json"  # --out a folder: bench.json and bench.md go into it
+    run_cli(["mlp", "--rounds", "2", "--window-seconds", "0.2", "--out", str(tmp_path)], module="scripts/bench.py",
             timeout=600)
     report = json.loads(out.read_text())
     mlp = report["results"]["mlp"]
@@ -36,6 +36,16 @@ def test_bench_names_an_unknown_entry():
     assert proc.stderr.strip().splitlines() == [
         "error: bench entry 'gpt3' is not in the suite (valid: mlp, lenet, resnet20, vit_tiny, gpt_small, gpt_char, "
         "mamba, simba, transformer)"]
+
+
+def test_bench_names_an_unwritable_out_before_it_starts(tmp_path):
+    (tmp_path / "taken").write_text("a file, not a folder")
+    out = tmp_path / "taken" / "bench.json"
+    proc = run_cli(["mlp", "--out", str(out)], module="scripts/bench.py", check=False, timeout=60)
+    assert proc.returncode != 0
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: --out {out} cannot be written (") and line.endswith("a writable file or folder")
+    assert "bench: mlp" not in proc.stderr  # nothing was timed
 
 
 def test_accelerator_bench_smoke_run_reports_every_section(tmp_path):
