@@ -5,6 +5,7 @@ Attention follows Vaswani et al. (2017), eq. 1-2: softmax(Q K^T / sqrt(d_k)) V o
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -230,36 +231,70 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
     return x[:, :h, :w].reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
 
 
-FEW_CHANNELS = 8  # few_channel_conv: convolutions of at most this many input channels take its paths
+FEW_CHANNELS = 8  # cpu_conv: convolutions of at most this many input channels take its few-channel paths
 SHIFTED_CHANNELS = 3  # and of at most this many, the forward as shifted multiply-adds (LeNet's conv2, 6: 0.4x)
+NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def few_channel_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None,
-                     rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1, precision=None,
-                     **kwargs) -> jax.Array:
-    """`lax.conv_general_dilated` for `nnx.Conv(conv_general_dilated=few_channel_conv)`: faster on CPU for a
-    stride-1 NHWC convolution of few input channels (LeNet's, a CIFAR stem); anything else goes to lax.
+def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count: int = 1, precision=None, **kwargs) -> jax.Array:
+    """`lax.conv_general_dilated` for `nnx.Conv(conv_general_dilated=cpu_conv)`: the same convolution, trained
+    faster on CPU; other backends, dilations, groups, layouts other than NHWC and ranks other than 2-D go to lax.
 
-    XLA's CPU convolutions (Eigen) vectorise over channels and waste most of each vector on 1 to 8 of them.
-    Measured here (README, Performance): a 1- or 3-channel forward runs 3-7x faster as kh * kw * C shifted
-    multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul and a col2im.
-    The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
+    - Few input channels, stride 1 (LeNet's, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
+      channels and waste most of each vector on 1 to 8 of them. A 1- or 3-channel forward runs 3-7x faster as
+      kh * kw * C shifted multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul
+      and a col2im. The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
+    - Any other: lax's convolution, whose backward pass gets its input and output gradient as buffers
+      (`_materialize`), not recomputed from their BatchNorm/ReLU producers inside the transposes that feed
+      Eigen's weight gradient; ResNet-20 1.07x (README, Performance).
     """
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.shape[2] > FEW_CHANNELS or dilated
-            or any(s != 1 for s in window_strides) or feature_group_count != 1
+    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or dilated or feature_group_count != 1
             or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+            != lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
             or any(v is not None for v in kwargs.values())):
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                         dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    strides = tuple(window_strides)
     if isinstance(padding, str):
-        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    padding = tuple(tuple(p) for p in padding)
+    if rhs.shape[2] > FEW_CHANNELS or strides != (1, 1):
+        return _materialized_grad_conv(lhs, rhs, strides, padding, precision)
     return _few_channel_conv(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), rhs)
 
 
+def _materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
+    """`xs`, computed into buffers first: XLA does not fuse across a conditional (and drops an
+    `optimization_barrier` on CPU). The other branch, taken only if the first value is NaN, gives NaNs."""
+    first = xs[0].reshape(-1)[0]
+    return lax.cond(first == first, lambda *a: a, lambda *a: tuple(jnp.full_like(v, jnp.nan) for v in a), *xs)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _materialized_grad_conv(x: jax.Array, w: jax.Array, strides, padding, precision) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
+
+
+def _materialized_grad_conv_fwd(x, w, strides, padding, precision):
+    return _materialized_grad_conv(x, w, strides, padding, precision), (x, w)
+
+
+def _materialized_grad_conv_bwd(strides, padding, precision, residuals, dy):
+    """lax's gradients, from x and dy as buffers: the transposes Eigen's weight gradient needs (batch as its
+    minor dimension) are then plain copies, not the producers' BatchNorm and ReLU recomputed in that order."""
+    x, w = residuals
+    x, dy = _materialize(x, dy)
+    conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
+    return jax.vjp(conv, x, w)[1](dy)
+
+
+_materialized_grad_conv.defvjp(_materialized_grad_conv_fwd, _materialized_grad_conv_bwd)
+
+
 def _valid_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC)
 
 
 @jax.custom_vjp

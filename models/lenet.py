@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from models.layers import few_channel_conv, max_pool
+from models.layers import cpu_conv, max_pool
 from models.mlp import MLP, activation_fn
 
 
@@ -21,11 +21,11 @@ class LeNet(nnx.Module):
         if feature_size < 1:
             raise ValueError(f"LeNet: image size {image_size} is too small (valid: 16 or more)")
         self.act = activation_fn(activation)
-        # few_channel_conv: the same convolutions, 1.16x faster training on CPU (models/layers.py)
+        # cpu_conv: the same convolutions, 1.16x faster training on CPU (models/layers.py)
         self.conv1 = nnx.Conv(in_channels, 6, (5, 5), padding="VALID", dtype=dtype, rngs=rngs,
-                              conv_general_dilated=few_channel_conv)
+                              conv_general_dilated=cpu_conv)
         self.conv2 = nnx.Conv(6, 16, (5, 5), padding="VALID", dtype=dtype, rngs=rngs,
-                              conv_general_dilated=few_channel_conv)
+                              conv_general_dilated=cpu_conv)
         self.num_features = 16 * feature_size * feature_size
         self.classifier = MLP(self.num_features, hidden, num_classes, activation=activation, dtype=dtype,
                               rngs=rngs)
