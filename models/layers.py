@@ -265,10 +265,11 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     return _few_channel_conv(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), rhs)
 
 
-def _materialize(*xs: jax.Array) -> tuple[jax.Array, ...]:
+def _materialize(key: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
     """`xs`, computed into buffers first: XLA does not fuse across a conditional (and drops an
-    `optimization_barrier` on CPU). The other branch, taken only if the first value is NaN, gives NaNs."""
-    first = xs[0].reshape(-1)[0]
+    `optimization_barrier` on CPU). The other branch, taken only if `key`'s first value is NaN, gives NaNs; the
+    key is the layer's weight, replicated, so that a batch-sharded step reads it without a collective."""
+    first = key.reshape(-1)[0]
     return lax.cond(first == first, lambda *a: a, lambda *a: tuple(jnp.full_like(v, jnp.nan) for v in a), *xs)
 
 
@@ -285,7 +286,7 @@ def _materialized_grad_conv_bwd(strides, padding, precision, residuals, dy):
     """lax's gradients, from x and dy as buffers: the transposes Eigen's weight gradient needs (batch as its
     minor dimension) are then plain copies, not the producers' BatchNorm and ReLU recomputed in that order."""
     x, w = residuals
-    x, dy = _materialize(x, dy)
+    x, dy = _materialize(w, x, dy)  # a NaN weight makes every output, and so every gradient, NaN anyway
     conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
     return jax.vjp(conv, x, w)[1](dy)
 
