@@ -244,7 +244,8 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     - Few input channels, stride 1 (LeNet's, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
       channels and waste most of each vector on 1 to 8 of them. A 1- or 3-channel forward runs 3-7x faster as
       kh * kw * C shifted multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul
-      and a col2im. The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
+      and a col2im, computed into its own buffer (`_materialize`; fused into LeNet's max-pool gradient it ran
+      1.2x slower). The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
     - Any other: lax's convolution, whose backward pass gets its input and output gradient as buffers
       (`_materialize`), not recomputed from their BatchNorm/ReLU producers inside the transposes that feed
       Eigen's weight gradient; ResNet-20 1.15x (README, Performance).
@@ -324,6 +325,7 @@ def _few_channel_conv_bwd(residuals, dy: jax.Array):
     dx = sum(jnp.pad(shares[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
              for i in range(kh) for j in range(kw))
     dw = jax.vjp(lambda w: _valid_conv(x, w), w)[1](dy)[0]
+    dx, = _materialize(w, dx)  # else XLA fuses the 25 shifted adds into the consumer: LeNet's max-pool gradient
     return dx.astype(x.dtype), dw
 
 
