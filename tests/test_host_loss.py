@@ -22,6 +22,7 @@ from tests.test_multihost import free_port
 
 TIMEOUT = 5  # distributed.heartbeat_timeout_s
 GLOO_ABORT = "Received data size doesn't match expected size"
+JAX_ABORT = "the JAX distributed service detected fatal errors"
 STEPS = 40
 # A checkpoint every 2 steps: saves between steps keep the run going for seconds, so the kill lands mid-run.
 ARGS = ["model=mlp", "model.hidden=[32]", f"trainer.steps={STEPS}", "trainer.batch_size=16", "trainer.log_every=2",
@@ -74,7 +75,7 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_relaunch_resumes_i
         time.sleep(0.02)
     os.kill(procs[2].pid, signal.SIGKILL)
     killed = time.monotonic()
-    named = 0
+    named, jax_ended = 0, False
     for i in (0, 1, 3):
         returncode = procs[i].wait(timeout=120)
         took = time.monotonic() - killed
@@ -82,13 +83,15 @@ def test_a_lost_process_ends_the_others_in_bounded_time_and_a_relaunch_resumes_i
         lines = [line for line in (logs / f"err{i}").read_text().splitlines() if line.strip()]
         line = re.fullmatch(rf"error: lost process ([\d, ]+) of 4 \(no heartbeat for {TIMEOUT} s\); relaunch all 4 "
                             rf"processes with the same command to resume from the last complete checkpoint", lines[-1])
-        if line is None:  # gloo may end a process whose collective the kill cut mid-message, at once, in its own words
-            # (the abort's stack trace, from whichever thread aborts, may follow gloo's line)
-            assert returncode < 0 and any(GLOO_ABORT in text for text in lines), lines[-5:]
+        if line is None:  # gloo may end a process whose collective the kill cut mid-message, at once, in its own
+            # words, and JAX's coordination service may get there first, in its own (seen once in CI); the abort's
+            # stack trace, from whichever thread aborts, follows their line
+            assert returncode < 0 and any(GLOO_ABORT in text or JAX_ABORT in text for text in lines), lines[-5:]
+            jax_ended = jax_ended or any(JAX_ABORT in text for text in lines)
             continue
         assert returncode == 1 and "2" in line[1].split(", "), lines[-5:]
         named += 1
-    assert named >= 1
+    assert named >= 1 or jax_ended  # JAX's service tells every process at once: then none may get to name it
     procs[2].wait()
     saved = complete_steps(run_dir)
     assert saved and saved[-1] < STEPS, saved
