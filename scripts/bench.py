@@ -393,9 +393,12 @@ def write_results(out: Path, results: dict, rounds: int) -> str:
     meta = {"machine": machine(), "date": date.today().isoformat(),
             "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]), "rounds": rounds,
             "matmul_peak_gflops": max(r["matmul_peak_gflops"] for r in results.values())}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     table = markdown(results, meta)
-    out.with_suffix(".md").write_text(table)
+    for path, text in ((out, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
+                       (out.with_suffix(".md"), table)):
+        partial = path.with_name(path.name + ".partial")  # replaced whole: a crash never leaves half a file
+        partial.write_text(text)
+        partial.replace(path)
     return table
 
 
