@@ -274,9 +274,14 @@ def _materialize(key: jax.Array, *xs: jax.Array) -> tuple[jax.Array, ...]:
     return lax.cond(first == first, lambda *a: a, lambda *a: tuple(jnp.full_like(v, jnp.nan) for v in a), *xs)
 
 
+def _conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding="VALID", precision=None) -> jax.Array:
+    """lax's NHWC convolution (VALID, stride 1 unless told): the one every path of cpu_conv computes with."""
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _materialized_grad_conv(x: jax.Array, w: jax.Array, strides, padding, precision) -> jax.Array:
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
+    return _conv(x, w, strides, padding, precision)
 
 
 def _materialized_grad_conv_fwd(x, w, strides, padding, precision):
@@ -288,15 +293,10 @@ def _materialized_grad_conv_bwd(strides, padding, precision, residuals, dy):
     minor dimension) are then plain copies, not the producers' BatchNorm and ReLU recomputed in that order."""
     x, w = residuals
     x, dy = _materialize(w, x, dy)  # a NaN weight makes the loss NaN: trainer.nan_policy skips or stops
-    conv = lambda x, w: lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=NHWC, precision=precision)
-    return jax.vjp(conv, x, w)[1](dy)
+    return jax.vjp(lambda x, w: _conv(x, w, strides, padding, precision), x, w)[1](dy)
 
 
 _materialized_grad_conv.defvjp(_materialized_grad_conv_fwd, _materialized_grad_conv_bwd)
-
-
-def _valid_conv(x: jax.Array, w: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=NHWC)
 
 
 @jax.custom_vjp
@@ -304,7 +304,7 @@ def _few_channel_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """VALID stride-1 convolution of (B, H, W, C) by (kh, kw, C, D)."""
     kh, kw, c, _ = w.shape
     if c > SHIFTED_CHANNELS:
-        return _valid_conv(x, w)
+        return _conv(x, w)
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     out = jnp.result_type(x, w)
     acc = jnp.promote_types(out, jnp.float32)  # bf16 inputs still add up in fp32, as the convolution would
@@ -324,7 +324,7 @@ def _few_channel_conv_bwd(residuals, dy: jax.Array):
     shares = (dy.reshape(-1, d) @ w.reshape(kh * kw * c, d).T).reshape(*dy.shape[:3], kh, kw, c)
     dx = sum(jnp.pad(shares[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
              for i in range(kh) for j in range(kw))
-    dw = jax.vjp(lambda w: _valid_conv(x, w), w)[1](dy)[0]
+    dw = jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
     dx, = _materialize(w, dx)  # else XLA fuses the 25 shifted adds into the consumer: LeNet's max-pool gradient
     return dx.astype(x.dtype), dw
 

@@ -370,9 +370,10 @@ def main() -> None:
         sys.exit(f"error: {e}")
     if args.out.is_dir():
         args.out = args.out / "bench.json"
-    try:  # a bad --out fails now, not after the suite's 20 minutes
+    try:  # a bad --out fails now, not after the suite's 20 minutes: the file write_results renames from
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.touch()
+        partial_path(args.out).touch()
+        partial_path(args.out).unlink()
     except OSError as e:
         sys.exit(f"error: --out {args.out} cannot be written ({e.strerror}); give a writable file or folder")
     cache = tempfile.mkdtemp(prefix="bench-inductor-")  # cold torch.compile, as archlab's compile is cold
@@ -396,10 +397,13 @@ def write_results(out: Path, results: dict, rounds: int) -> str:
     table = markdown(results, meta)
     for path, text in ((out, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
                        (out.with_suffix(".md"), table)):
-        partial = path.with_name(path.name + ".partial")  # replaced whole: a crash never leaves half a file
-        partial.write_text(text)
-        partial.replace(path)
+        partial_path(path).write_text(text)  # then renamed over the old: a crash never leaves half a file
+        partial_path(path).replace(path)
     return table
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
 
 
 def machine() -> str:
