@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from models import native_conv
 from models.mlp import activation_fn
 
 log = logging.getLogger(__name__)
@@ -241,14 +242,17 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     """`lax.conv_general_dilated` for `nnx.Conv(conv_general_dilated=cpu_conv)`: the same convolution, trained
     faster on CPU; other backends, dilations, groups, layouts other than NHWC and ranks other than 2-D go to lax.
 
-    - Few input channels, stride 1 (LeNet's, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
+    - fp32, 16k output channels, one device: archlab's own kernels (models/native_conv.py), 2-5x XLA's per op;
+      the input gradient too where the input has 16k channels, else as below. ResNet-20 ?x, LeNet ?x (README,
+      Performance). A step sharded over several devices keeps XLA's convolutions, which its partitioner splits.
+    - Few input channels, stride 1 (LeNet's conv1, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
       channels and waste most of each vector on 1 to 8 of them. A 1- or 3-channel forward runs 3-7x faster as
       kh * kw * C shifted multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul
       and a col2im, computed into its own buffer (`_materialize`; fused into LeNet's max-pool gradient it ran
       1.2x slower). The weight gradient stays Eigen's (as a matmul of shifted patches it was 2x slower).
     - Any other: lax's convolution, whose backward pass gets its input and output gradient as buffers
       (`_materialize`), not recomputed from their BatchNorm/ReLU producers inside the transposes that feed
-      Eigen's weight gradient; ResNet-20 1.15x (README, Performance).
+      Eigen's weight gradient; ResNet-20 1.15x.
     """
     dilated = any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
     if (jax.default_backend() != "cpu" or lhs.ndim != 4 or dilated or feature_group_count != 1
@@ -261,6 +265,9 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     padding = tuple(tuple(p) for p in padding)
+    if (rhs.shape[3] % native_conv.LANES == 0 and lhs.dtype == rhs.dtype == jnp.float32
+            and jax.device_count() == 1 and native_conv.available()):
+        return _native_conv(lhs, rhs, strides, padding)
     if rhs.shape[2] > FEW_CHANNELS or strides != (1, 1):
         return _materialized_grad_conv(lhs, rhs, strides, padding, precision)
     return _few_channel_conv(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), rhs)
@@ -299,6 +306,42 @@ def _materialized_grad_conv_bwd(strides, padding, precision, residuals, dy):
 _materialized_grad_conv.defvjp(_materialized_grad_conv_fwd, _materialized_grad_conv_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    return native_conv.forward(x, w, strides, padding)
+
+
+def _native_conv_fwd(x, w, strides, padding):
+    return _native_conv(x, w, strides, padding), (x, w)
+
+
+def _native_conv_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    dw = native_conv.weight_grad(x, dy, w.shape, strides, padding)
+    if x.shape[3] % native_conv.LANES == 0:
+        dx = native_conv.input_grad(dy, w, x.shape, strides, padding)
+    elif x.shape[3] <= FEW_CHANNELS and strides == (1, 1):  # LeNet's conv2 (6 channels)
+        (pt, _), (pl, _) = padding
+        dx = _col2im_input_grad(dy, w)[:, pt:pt + x.shape[1], pl:pl + x.shape[2]]
+    else:
+        dx = jax.vjp(lambda x: _conv(x, w, strides, padding), x)[1](dy)[0]
+    return dx, dw
+
+
+_native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
+def _col2im_input_grad(dy: jax.Array, w: jax.Array) -> jax.Array:
+    """Input gradient of a VALID stride-1 convolution as dy @ W^T, each output position's share of its window,
+    summed back in place (col2im), into its own buffer: else XLA fuses the kh * kw shifted adds into the consumer
+    (LeNet's max-pool gradient, 1.2x slower)."""
+    kh, kw, c, d = w.shape
+    shares = (dy.reshape(-1, d) @ w.reshape(kh * kw * c, d).T).reshape(*dy.shape[:3], kh, kw, c)
+    dx = sum(jnp.pad(shares[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+             for i in range(kh) for j in range(kw))
+    return _materialize(w, dx)[0]
+
+
 @jax.custom_vjp
 def _few_channel_conv(x: jax.Array, w: jax.Array) -> jax.Array:
     """VALID stride-1 convolution of (B, H, W, C) by (kh, kw, C, D)."""
@@ -318,15 +361,9 @@ def _few_channel_conv_fwd(x: jax.Array, w: jax.Array):
 
 
 def _few_channel_conv_bwd(residuals, dy: jax.Array):
-    """Input gradient: dy @ W^T gives each output position's share of its window, summed back in place (col2im)."""
     x, w = residuals
-    kh, kw, c, d = w.shape
-    shares = (dy.reshape(-1, d) @ w.reshape(kh * kw * c, d).T).reshape(*dy.shape[:3], kh, kw, c)
-    dx = sum(jnp.pad(shares[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
-             for i in range(kh) for j in range(kw))
     dw = jax.vjp(lambda w: _conv(x, w), w)[1](dy)[0]
-    dx, = _materialize(w, dx)  # else XLA fuses the 25 shifted adds into the consumer: LeNet's max-pool gradient
-    return dx.astype(x.dtype), dw
+    return _col2im_input_grad(dy, w).astype(x.dtype), dw
 
 
 _few_channel_conv.defvjp(_few_channel_conv_fwd, _few_channel_conv_bwd)

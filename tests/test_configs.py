@@ -69,6 +69,15 @@ def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
     assert out.strip() == "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution,-individual_dot,-reduce"
 
 
+@pytest.mark.parametrize("on", [True, False])
+def test_runtime_native_conv_switches_archlab_cpu_convolutions(on):
+    code = ("import jax; from flax import nnx; from models.layers import cpu_conv; "
+            "conv = nnx.Conv(16, 16, (3, 3), conv_general_dilated=cpu_conv, rngs=nnx.Rngs(0)); "
+            "print('archlab_conv_forward' in str(jax.make_jaxpr(lambda x: conv(x))(jax.numpy.ones((1, 5, 5, 16)))))")
+    out = after_runtime_apply(f"ynn_conv_fusion_off=True, compilation_cache=False, native_conv={on}", code)
+    assert out.strip() == str(on)
+
+
 def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_back():
     """model=mamba/simba select conf/runtime/ssm.yaml; under it XLA, not YNNPACK, compiles a reduction."""
     from train.config import compose

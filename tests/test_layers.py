@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import layers
+from models import layers, native_conv
 from models.layers import FeedForward, MultiHeadAttention, attention_kernel, dot_product_attention
 
 D, H, T = 16, 4, 6
@@ -181,15 +181,26 @@ def test_max_pool_equals_nnx_max_pool_and_routes_the_gradient_to_the_maximum(sha
     np.testing.assert_array_equal(grad, grad_ref)
 
 
-@pytest.mark.parametrize("c_in, c_out, k, stride, padding", [
-    (1, 6, 5, 1, "VALID"),              # LeNet conv1: shifted multiply-adds
-    (6, 16, 5, 1, "VALID"),             # LeNet conv2: Eigen forward, col2im input gradient
-    (3, 16, 3, 1, [(1, 1), (1, 1)]),    # a CIFAR stem, torchvision padding
-    (2, 4, 3, 1, "SAME"),
-    (16, 16, 3, 1, "SAME"),             # many channels: lax, gradients from materialised x and dy
-    (1, 8, 3, 2, "SAME"),               # strided: the same
+@pytest.fixture(params=["native", "xla"])
+def conv_kernels(request):
+    """cpu_conv with archlab's native kernels (runtime.native_conv=true, the default) and without them."""
+    native_conv.enable(request.param == "native")
+    yield request.param
+    native_conv.enable(True)
+
+
+@pytest.mark.parametrize("c_in, c_out, k, stride, padding, native", [
+    (1, 6, 5, 1, "VALID", ""),                # LeNet conv1: shifted multiply-adds
+    (6, 16, 5, 1, "VALID", "fw"),             # LeNet conv2: col2im input gradient (native: forward, weight grad)
+    (3, 16, 3, 1, [(1, 1), (1, 1)], "fw"),    # a CIFAR stem, torchvision padding
+    (2, 4, 3, 1, "SAME", ""),
+    (16, 16, 3, 1, "SAME", "fiw"),            # many channels: native, or lax's with materialised x and dy
+    (16, 32, 3, 2, [(1, 1), (1, 1)], "fiw"),  # ResNet's strided 3x3
+    (16, 32, 1, 2, "VALID", "fiw"),           # and its projection shortcut
+    (32, 16, 5, 3, [(2, 0), (1, 3)], "fiw"),  # strides and paddings the phases of the input gradient must cover
+    (1, 8, 3, 2, "SAME", ""),                 # strided: lax, materialised
 ])
-def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding):
+def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding, native, conv_kernels):
     def model(conv_fn) -> nnx.Conv:
         return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=padding, conv_general_dilated=conv_fn,
                         rngs=nnx.Rngs(0))
@@ -207,7 +218,20 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
     np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
-    assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
+    native = native if conv_kernels == "native" else ""
+    for letter, target in [("f", "forward"), ("i", "input_grad"), ("w", "weight_grad")]:
+        assert (f"archlab_conv_{target}" in backward) == (letter in native), target
+    if "i" not in native:
+        assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
+
+
+def test_native_conv_builds_with_the_compiler_it_is_given(tmp_path, monkeypatch):
+    native_conv.build(tmp_path / "conv.so")
+    assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
+    monkeypatch.setenv("CXX", "no-such-c++")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
+        native_conv.build(tmp_path / "other.so")
+    assert not (tmp_path / "other.so").exists()
 
 
 def test_cpu_conv_keeps_bfloat16_and_other_ranks():
