@@ -6,6 +6,7 @@
 // Layouts as lax.conv_general_dilated with ("NHWC", "HWIO", "NHWC"); strides (sh, sw); the top and left padding
 // (pt, pl), the bottom and right following from the output's shape. Images are split over XLA's intra-op threads.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -47,47 +48,69 @@ static int64_t num_workers(ffi::ThreadPool& pool, int64_t count) {
   return std::max<int64_t>(1, std::min<int64_t>(count, pool.num_threads()));
 }
 
+// A thread's buffer for one zero-padded image; its zeros are written once per geometry, not once per image.
+struct Scratch {
+  std::vector<float> data;
+  std::array<int64_t, 7> geometry{};
+};
+
 // One image, zero-padded into scratch: rows [-pt, rows - pt) and columns [-pl, cols - pl) of x (h, w, c).
 static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
-                           int64_t rows, int64_t cols, std::vector<float>& scratch) {
+                           int64_t rows, int64_t cols, Scratch& scratch) {
   if (pt == 0 && pl == 0 && cols == w && rows <= h) return x;
-  scratch.assign(rows * cols * c, 0.0f);
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t sr = r - pt;
-    if (sr < 0 || sr >= h) continue;
-    int64_t c0 = std::max<int64_t>(0, pl), c1 = std::min<int64_t>(cols, w + pl);
-    if (c1 > c0) std::memcpy(&scratch[(r * cols + c0) * c], x + (sr * w + c0 - pl) * c, (c1 - c0) * c * sizeof(float));
+  std::array<int64_t, 7> geometry{h, w, c, pt, pl, rows, cols};
+  if (geometry != scratch.geometry) {
+    scratch.data.assign(rows * cols * c, 0.0f);
+    scratch.geometry = geometry;
   }
-  return scratch.data();
+  float* out = scratch.data.data();
+  int64_t c0 = std::max<int64_t>(0, pl), c1 = std::min<int64_t>(cols, w + pl);
+  for (int64_t r = std::max<int64_t>(0, pt); r < std::min<int64_t>(rows, h + pt); ++r)
+    if (c1 > c0) std::memcpy(out + (r * cols + c0) * c, x + ((r - pt) * w + c0 - pl) * c, (c1 - c0) * c * sizeof(float));
+  return out;
 }
 
-// y[b, co0:co0+16] for BW neighbouring output pixels; xs points at the first one's window, w at [0, 0, 0, co0].
-template <int BW>
+// y[b, o0:o0+16*NC] for BW neighbouring output pixels b; xs points at the first one's window, w at [0, 0, 0, o0].
+// BW * NC accumulators stay in registers; each x value loaded is used NC times, each w vector BW times.
+template <int BW, int NC>
 static inline void forward_block(const float* xs, int64_t xrow, int64_t c, int64_t sw, const float* w, int64_t kh,
                                  int64_t kw, int64_t co, float* y, int64_t ystride) {
-  v16 acc[BW] = {};
+  v16 acc[BW][NC] = {};
   for (int64_t i = 0; i < kh; ++i)
     for (int64_t j = 0; j < kw; ++j) {
       const float* xp = xs + i * xrow + j * c;
       const float* wp = w + (i * kw + j) * c * co;
       for (int64_t k = 0; k < c; ++k) {
-        v16 wv = *(const v16*)(wp + k * co);
-        for (int b = 0; b < BW; ++b) acc[b] += xp[b * sw * c + k] * wv;
+        v16 wv[NC];
+        for (int m = 0; m < NC; ++m) wv[m] = *(const v16*)(wp + k * co + 16 * m);
+        for (int b = 0; b < BW; ++b) {
+          float xv = xp[b * sw * c + k];
+          for (int m = 0; m < NC; ++m) acc[b][m] += xv * wv[m];
+        }
       }
     }
-  for (int b = 0; b < BW; ++b) *(v16*)(y + b * ystride) = acc[b];
+  for (int b = 0; b < BW; ++b)
+    for (int m = 0; m < NC; ++m) *(v16*)(y + b * ystride + 16 * m) = acc[b][m];
 }
 
+// forward_block for n <= BW pixels and the 16 * nc channels from w's and y's first, nc = 1 or 2.
 template <int BW>
-static void forward_tail(int n, const float* xs, int64_t xrow, int64_t c, int64_t sw, const float* w, int64_t kh,
-                         int64_t kw, int64_t co, float* y, int64_t ystride) {
+static void forward_tail(int n, int nc, const float* xs, int64_t xrow, int64_t c, int64_t sw, const float* w,
+                         int64_t kh, int64_t kw, int64_t co, float* y, int64_t ystride) {
   if constexpr (BW > 0) {
-    if (n == BW) return forward_block<BW>(xs, xrow, c, sw, w, kh, kw, co, y, ystride);
-    forward_tail<BW - 1>(n, xs, xrow, c, sw, w, kh, kw, co, y, ystride);
+    if (n == BW && nc == 2) return forward_block<BW, 2>(xs, xrow, c, sw, w, kh, kw, co, y, ystride);
+    if (n == BW) return forward_block<BW, 1>(xs, xrow, c, sw, w, kh, kw, co, y, ystride);
+    forward_tail<BW - 1>(n, nc, xs, xrow, c, sw, w, kh, kw, co, y, ystride);
   }
 }
 
-constexpr int kPixels = 8;
+// The channel groups of a vector loop over d channels: two vectors at a time where d allows.
+static int group(int64_t d) { return d % 32 == 0 ? 2 : 1; }
+
+constexpr int kAccumulators = 16;  // of the 32 vector registers AVX-512 has; the rest hold w and x
+
+// Output pixels per block: kAccumulators over the groups' vectors.
+static int pixels(int64_t d) { return kAccumulators / group(d); }
 
 static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
@@ -99,14 +122,14 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
-    thread_local std::vector<float> scratch;
+    thread_local Scratch scratch;
     const float* xs = padded(xp + b * h * wi * c, h, wi, c, pt, pl, rows, cols, scratch);
     int64_t xrow = (xs == xp + b * h * wi * c) ? wi * c : cols * c;
     for (int64_t r = 0; r < ho; ++r)
-      for (int64_t q = 0; q < wo; q += kPixels) {
-        int np = (int)std::min<int64_t>(kPixels, wo - q);
-        for (int64_t o = 0; o < co; o += 16)
-          forward_tail<kPixels>(np, xs + r * sh * xrow + q * sw * c, xrow, c, sw, wp + o, kh, kw, co,
+      for (int64_t q = 0; q < wo; q += pixels(co)) {
+        int np = (int)std::min<int64_t>(pixels(co), wo - q);
+        for (int64_t o = 0; o < co; o += 16 * group(co))
+          forward_tail<kAccumulators>(np, group(co), xs + r * sh * xrow + q * sw * c, xrow, c, sw, wp + o, kh, kw, co,
                                 yp + ((b * ho + r) * wo + q) * co + o, co);
       }
   });
@@ -162,7 +185,7 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   const auto* pk = &packed;
   const auto *php = &ph, *pwp = &pw;
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
-    thread_local std::vector<float> scratch;
+    thread_local Scratch scratch;
     const float* ds = padded(dp + b * ho * wo * co, ho, wo, co, top, left, rows, cols, scratch);
     int64_t drow = (ds == dp + b * ho * wo * co) ? wo * co : cols * co;
     float* xb = xp + b * h * wi * c;
@@ -178,10 +201,10 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
             continue;
           }
           const float* dr = ds + (a + p.dmin + top) * drow + (q.dmin + left) * co;
-          for (int64_t e = 0; e < nb; e += kPixels) {
-            int np = (int)std::min<int64_t>(kPixels, nb - e);
-            for (int64_t k = 0; k < c; k += 16)
-              forward_tail<kPixels>(np, dr + e * co, drow, co, 1, wq + k, p.taps, q.taps, c,
+          for (int64_t e = 0; e < nb; e += pixels(c)) {
+            int np = (int)std::min<int64_t>(pixels(c), nb - e);
+            for (int64_t k = 0; k < c; k += 16 * group(c))
+              forward_tail<kAccumulators>(np, group(c), dr + e * co, drow, co, 1, wq + k, p.taps, q.taps, c,
                                     xr + (rw + sw * e) * c + k, sw * c);
           }
         }
@@ -190,30 +213,38 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   return ffi::Error::Success();
 }
 
-// dw[i, j, k0:k0+CB, o0:o0+16] += sum over one image's output pixels of x[window (i, j), k] * dy[pixel, o].
-template <int CB>
+// dw[i, j, k0:k0+CB, o0:o0+16*NC] += the sum over one image's output pixels of x[pixel's window (i, j), k] * dy[pixel, o];
+// xs points at x[window (i, j) of the first pixel, k0], dy and dw at channel o0.
+template <int CB, int NC>
 static inline void weight_block(const float* xs, int64_t xrow, int64_t c, int64_t sh, int64_t sw, const float* dy,
                                 int64_t ho, int64_t wo, int64_t co, float* dw) {
-  v16 acc[CB];
-  for (int k = 0; k < CB; ++k) acc[k] = *(const v16*)(dw + k * co);
+  v16 acc[CB][NC];
+  for (int k = 0; k < CB; ++k)
+    for (int m = 0; m < NC; ++m) acc[k][m] = *(const v16*)(dw + k * co + 16 * m);
   for (int64_t r = 0; r < ho; ++r) {
     const float* xr = xs + r * sh * xrow;
     const float* dr = dy + r * wo * co;
     for (int64_t q = 0; q < wo; ++q) {
-      v16 d = *(const v16*)(dr + q * co);
+      v16 d[NC];
+      for (int m = 0; m < NC; ++m) d[m] = *(const v16*)(dr + q * co + 16 * m);
       const float* xq = xr + q * sw * c;
-      for (int k = 0; k < CB; ++k) acc[k] += xq[k] * d;
+      for (int k = 0; k < CB; ++k) {
+        float xv = xq[k];
+        for (int m = 0; m < NC; ++m) acc[k][m] += xv * d[m];
+      }
     }
   }
-  for (int k = 0; k < CB; ++k) *(v16*)(dw + k * co) = acc[k];
+  for (int k = 0; k < CB; ++k)
+    for (int m = 0; m < NC; ++m) *(v16*)(dw + k * co + 16 * m) = acc[k][m];
 }
 
 template <int CB>
-static void weight_tail(int n, const float* xs, int64_t xrow, int64_t c, int64_t sh, int64_t sw, const float* dy,
-                        int64_t ho, int64_t wo, int64_t co, float* dw) {
+static void weight_tail(int n, int nc, const float* xs, int64_t xrow, int64_t c, int64_t sh, int64_t sw,
+                        const float* dy, int64_t ho, int64_t wo, int64_t co, float* dw) {
   if constexpr (CB > 0) {
-    if (n == CB) return weight_block<CB>(xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
-    weight_tail<CB - 1>(n, xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
+    if (n == CB && nc == 2) return weight_block<CB, 2>(xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
+    if (n == CB) return weight_block<CB, 1>(xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
+    weight_tail<CB - 1>(n, nc, xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
   }
 }
 
@@ -224,21 +255,22 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   if (co % 16 != 0) return ffi::Error::InvalidArgument("conv_weight_grad: output channels must be a multiple of 16");
   int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, size = kh * kw * c * co;
   int64_t workers = num_workers(pool, n);
+  int64_t rows_per_block = group(co) == 2 ? 8 : 16;  // 16 or 2 x 8 accumulator vectors
   std::vector<float> partial(workers * size, 0.0f);
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
   float* part = partial.data();
   parallel_for(pool, n, workers, [=](int64_t b, int64_t slot) {
-    thread_local std::vector<float> scratch;
+    thread_local Scratch scratch;
     const float* xs = padded(xp + b * h * wi * c, h, wi, c, pt, pl, rows, cols, scratch);
     int64_t xrow = (xs == xp + b * h * wi * c) ? wi * c : cols * c;
     const float* db = dp + b * ho * wo * co;
     float* acc = part + slot * size;
     for (int64_t i = 0; i < kh; ++i)
       for (int64_t j = 0; j < kw; ++j)
-        for (int64_t k = 0; k < c; k += 16)
-          for (int64_t o = 0; o < co; o += 16)
-            weight_tail<16>((int)std::min<int64_t>(16, c - k), xs + i * xrow + j * c + k, xrow, c, sh, sw, db + o,
+        for (int64_t k = 0; k < c; k += rows_per_block)
+          for (int64_t o = 0; o < co; o += 16 * group(co))
+            weight_tail<16>((int)std::min<int64_t>(rows_per_block, c - k), group(co), xs + i * xrow + j * c + k, xrow, c, sh, sw, db + o,
                             ho, wo, co, acc + ((i * kw + j) * c + k) * co + o);
   });
   float* out = dw->typed_data();
