@@ -265,8 +265,7 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     padding = tuple(tuple(p) for p in padding)
-    if (rhs.shape[3] % native_conv.LANES == 0 and lhs.dtype == rhs.dtype == jnp.float32
-            and jax.device_count() == 1 and native_conv.available()):
+    if lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1 and native_conv.available():
         return _native_conv(lhs, rhs, strides, padding)
     if rhs.shape[2] > FEW_CHANNELS or strides != (1, 1):
         return _materialized_grad_conv(lhs, rhs, strides, padding, precision)
@@ -317,15 +316,8 @@ def _native_conv_fwd(x, w, strides, padding):
 
 def _native_conv_bwd(strides, padding, residuals, dy):
     x, w = residuals
-    dw = native_conv.weight_grad(x, dy, w.shape, strides, padding)
-    if x.shape[3] % native_conv.LANES == 0:
-        dx = native_conv.input_grad(dy, w, x.shape, strides, padding)
-    elif x.shape[3] <= FEW_CHANNELS and strides == (1, 1):  # LeNet's conv2 (6 channels)
-        (pt, _), (pl, _) = padding
-        dx = _col2im_input_grad(dy, w)[:, pt:pt + x.shape[1], pl:pl + x.shape[2]]
-    else:
-        dx = jax.vjp(lambda x: _conv(x, w, strides, padding), x)[1](dy)[0]
-    return dx, dw
+    return (native_conv.input_grad(dy, w, x.shape, strides, padding),
+            native_conv.weight_grad(x, dy, w.shape, strides, padding))
 
 
 _native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)

@@ -18,7 +18,40 @@
 
 namespace ffi = xla::ffi;
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned access
+
+// Channels are processed 16 at a time, two vectors at a time where they divide by 32; a count that is not a
+// multiple of 16 is widened with zeros in packed copies of the weights (or of dy) and stored lane by lane.
+static int64_t widen(int64_t d) { return (d + 15) / 16 * 16; }
+static int group(int64_t d) { return d % 32 == 0 ? 2 : 1; }
+static int lanes(int64_t d, int64_t o, int nc) { return (int)std::min<int64_t>(16, d - o - 16 * (nc - 1)); }
+constexpr int kAccumulators = 16;  // of AVX-512's 32 vector registers; the others hold weights and inputs
+static int pixels(int64_t d) { return kAccumulators / group(d); }  // output pixels per forward block
+
+static inline void store(float* p, v16 v, int n) {
+  if (n == 16) {
+    *(v16*)p = v;
+    return;
+  }
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
+// rows x d values, as rows x widen(d) with zeros after each row's d (src itself if d needs no widening).
+static const float* widened(const float* src, int64_t rows, int64_t d, std::vector<float>& out) {
+  int64_t dv = widen(d);
+  if (dv == d) return src;
+  out.assign(rows * dv, 0.0f);
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * dv], src + r * d, d * sizeof(float));
+  return out.data();
+}
 
 // Runs f(i, slot) for i in [0, count) on the caller and up to workers - 1 of XLA's intra-op threads; slot < workers
 // names the participant. Late tasks find no work left; the shared state outlives the call for them.
@@ -70,67 +103,64 @@ static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int6
   return out;
 }
 
-// y[b, o0:o0+16*NC] for BW neighbouring output pixels b; xs points at the first one's window, w at [0, 0, 0, o0].
-// BW * NC accumulators stay in registers; each x value loaded is used NC times, each w vector BW times.
+// y[b, o0:o0+16*NC] for BW neighbouring output pixels b. xs points at the first one's window, whose rows are run
+// contiguous values apart xrow, the next pixel's window pstride further; w at [0, o0], rows of wstride, run rows
+// per window row. BW * NC accumulators stay in registers; each x value is loaded once for NC vectors, each w
+// vector once for BW pixels. The last vector stores its first n lanes.
 template <int BW, int NC>
-static inline void forward_block(const float* xs, int64_t xrow, int64_t c, int64_t sw, const float* w, int64_t kh,
-                                 int64_t kw, int64_t co, float* y, int64_t ystride) {
+static inline void forward_block(const float* xs, int64_t xrow, int64_t run, int64_t pstride, const float* w,
+                                 int64_t wstride, int64_t kh, float* y, int64_t ystride, int n) {
   v16 acc[BW][NC] = {};
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j) {
-      const float* xp = xs + i * xrow + j * c;
-      const float* wp = w + (i * kw + j) * c * co;
-      for (int64_t k = 0; k < c; ++k) {
-        v16 wv[NC];
-        for (int m = 0; m < NC; ++m) wv[m] = *(const v16*)(wp + k * co + 16 * m);
-        for (int b = 0; b < BW; ++b) {
-          float xv = xp[b * sw * c + k];
-          for (int m = 0; m < NC; ++m) acc[b][m] += xv * wv[m];
-        }
+  for (int64_t i = 0; i < kh; ++i) {
+    const float* xp = xs + i * xrow;
+    const float* wp = w + i * run * wstride;
+    for (int64_t t = 0; t < run; ++t) {
+      v16 wv[NC];
+      for (int m = 0; m < NC; ++m) wv[m] = *(const v16*)(wp + t * wstride + 16 * m);
+      for (int b = 0; b < BW; ++b) {
+        float xv = xp[b * pstride + t];
+        for (int m = 0; m < NC; ++m) acc[b][m] += xv * wv[m];
       }
     }
-  for (int b = 0; b < BW; ++b)
-    for (int m = 0; m < NC; ++m) *(v16*)(y + b * ystride + 16 * m) = acc[b][m];
-}
-
-// forward_block for n <= BW pixels and the 16 * nc channels from w's and y's first, nc = 1 or 2.
-template <int BW>
-static void forward_tail(int n, int nc, const float* xs, int64_t xrow, int64_t c, int64_t sw, const float* w,
-                         int64_t kh, int64_t kw, int64_t co, float* y, int64_t ystride) {
-  if constexpr (BW > 0) {
-    if (n == BW && nc == 2) return forward_block<BW, 2>(xs, xrow, c, sw, w, kh, kw, co, y, ystride);
-    if (n == BW) return forward_block<BW, 1>(xs, xrow, c, sw, w, kh, kw, co, y, ystride);
-    forward_tail<BW - 1>(n, nc, xs, xrow, c, sw, w, kh, kw, co, y, ystride);
+  }
+  for (int b = 0; b < BW; ++b) {
+    for (int m = 0; m < NC - 1; ++m) *(v16*)(y + b * ystride + 16 * m) = acc[b][m];
+    store(y + b * ystride + 16 * (NC - 1), acc[b][NC - 1], n);
   }
 }
 
-// The channel groups of a vector loop over d channels: two vectors at a time where d allows.
-static int group(int64_t d) { return d % 32 == 0 ? 2 : 1; }
-
-constexpr int kAccumulators = 16;  // of the 32 vector registers AVX-512 has; the rest hold w and x
-
-// Output pixels per block: kAccumulators over the groups' vectors.
-static int pixels(int64_t d) { return kAccumulators / group(d); }
+// forward_block for nb <= BW pixels and nc (1 or 2) vectors.
+template <int BW>
+static void forward_tail(int nb, int nc, const float* xs, int64_t xrow, int64_t run, int64_t pstride,
+                         const float* w, int64_t wstride, int64_t kh, float* y, int64_t ystride, int n) {
+  if constexpr (BW > 0) {
+    if (nb == BW && nc == 2) return forward_block<BW, 2>(xs, xrow, run, pstride, w, wstride, kh, y, ystride, n);
+    if (nb == BW) return forward_block<BW, 1>(xs, xrow, run, pstride, w, wstride, kh, y, ystride, n);
+    forward_tail<BW - 1>(nb, nc, xs, xrow, run, pstride, w, wstride, kh, y, ystride, n);
+  }
+}
 
 static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], kh = wd[0], kw = wd[1], co = wd[3], ho = yd[1], wo = yd[2];
-  if (co % 16 != 0) return ffi::Error::InvalidArgument("conv_forward: output channels must be a multiple of 16");
-  int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw;
+  int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, cv = widen(co);
+  int nc = group(co);
+  std::vector<float> wpad;
+  const float* wp = widened(w.typed_data(), kh * kw * c, co, wpad);
   const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
   float* yp = y->typed_data();
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
     thread_local Scratch scratch;
-    const float* xs = padded(xp + b * h * wi * c, h, wi, c, pt, pl, rows, cols, scratch);
-    int64_t xrow = (xs == xp + b * h * wi * c) ? wi * c : cols * c;
+    const float* xb = xp + b * h * wi * c;
+    const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
+    int64_t xrow = (xs == xb ? wi : cols) * c;
     for (int64_t r = 0; r < ho; ++r)
       for (int64_t q = 0; q < wo; q += pixels(co)) {
-        int np = (int)std::min<int64_t>(pixels(co), wo - q);
-        for (int64_t o = 0; o < co; o += 16 * group(co))
-          forward_tail<kAccumulators>(np, group(co), xs + r * sh * xrow + q * sw * c, xrow, c, sw, wp + o, kh, kw, co,
-                                yp + ((b * ho + r) * wo + q) * co + o, co);
+        int nb = (int)std::min<int64_t>(pixels(co), wo - q);
+        for (int64_t o = 0; o < cv; o += 16 * nc)
+          forward_tail<kAccumulators>(nb, nc, xs + r * sh * xrow + q * sw * c, xrow, kw * c, sw * c, wp + o, cv,
+                                      kh, yp + ((b * ho + r) * wo + q) * co + o, co, lanes(co, o, nc));
       }
   });
   return ffi::Error::Success();
@@ -138,15 +168,17 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
 
 // dx of a convolution with strides (sh, sw): for each phase (rh, rw) of dx's rows and columns, a stride-1
 // correlation of dy with the taps that reach it (polyphase), so no zeros are inserted between dy's pixels.
-struct Phase { int64_t dmin, taps; };
+struct Phase {
+  int64_t dmin, taps;
+};
 static Phase phase(int64_t r, int64_t s, int64_t p, int64_t k) {
-  // taps i with (r + p - i) divisible by s read dy[a + (r + p - i) / s]; d = (r + p - i) / s runs over consecutive values
+  // tap i reaches dx row r (mod s) iff (r + p - i) divides by s; it reads dy row a + (r + p - i) / s, and these
+  // offsets run over consecutive values as i falls
   int64_t dmin = 0, taps = 0;
   for (int64_t i = k - 1; i >= 0; --i) {
-    int64_t t = r + p - i;
-    if (((t % s) + s) % s != 0) continue;
-    int64_t d = (t - (((t % s) + s) % s)) / s;
-    if (taps == 0) dmin = d;
+    int64_t t = r + p - i, m = ((t % s) + s) % s;
+    if (m != 0) continue;
+    if (taps == 0) dmin = (t - m) / s;
     ++taps;
   }
   return {dmin, taps};
@@ -156,28 +188,29 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
                                 ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto dd = dy.dimensions(), wd = w.dimensions(), xd = dx->dimensions();
   int64_t n = dd[0], ho = dd[1], wo = dd[2], kh = wd[0], kw = wd[1], c = wd[2], co = wd[3], h = xd[1], wi = xd[2];
-  if (c % 16 != 0) return ffi::Error::InvalidArgument("conv_input_grad: input channels must be a multiple of 16");
-  // Per phase, its taps' weights packed as (taps_h, taps_w, co, c), in the order they meet dy.
+  int64_t cv = widen(c);
+  int nc = group(c);
   std::vector<Phase> ph(sh), pw(sw);
   for (int64_t r = 0; r < sh; ++r) ph[r] = phase(r, sh, pt, kh);
   for (int64_t r = 0; r < sw; ++r) pw[r] = phase(r, sw, pl, kw);
   int64_t top = 0, left = 0;
   for (auto& p : ph) if (p.taps) top = std::max(top, -p.dmin);
   for (auto& p : pw) if (p.taps) left = std::max(left, -p.dmin);
+  // Per phase, its taps' weights as (taps_h, taps_w, co, cv), in the order they meet dy.
   std::vector<std::vector<float>> packed(sh * sw);
   const float* wp = w.typed_data();
   for (int64_t rh = 0; rh < sh; ++rh)
     for (int64_t rw = 0; rw < sw; ++rw) {
       auto& q = packed[rh * sw + rw];
-      q.resize(ph[rh].taps * pw[rw].taps * co * c);
+      q.assign(ph[rh].taps * pw[rw].taps * co * cv, 0.0f);
       for (int64_t t = 0; t < ph[rh].taps; ++t)
         for (int64_t u = 0; u < pw[rw].taps; ++u) {
           int64_t i = rh + pt - sh * (ph[rh].dmin + t), j = rw + pl - sw * (pw[rw].dmin + u);
           for (int64_t o = 0; o < co; ++o)
-            for (int64_t k = 0; k < c; ++k) q[((t * pw[rw].taps + u) * co + o) * c + k] = wp[((i * kw + j) * c + k) * co + o];
+            for (int64_t k = 0; k < c; ++k) q[((t * pw[rw].taps + u) * co + o) * cv + k] = wp[((i * kw + j) * c + k) * co + o];
         }
     }
-  // every row and column a phase can read, beyond dy's own ones zeros
+  // every row and column a phase can read; beyond dy's own, zeros
   int64_t rows = top + (h + sh - 1) / sh + std::max<int64_t>(0, pt) / sh + kh + 1;
   int64_t cols = left + (wi + sw - 1) / sw + std::max<int64_t>(0, pl) / sw + kw + 1;
   const float* dp = dy.typed_data();
@@ -186,26 +219,27 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   const auto *php = &ph, *pwp = &pw;
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
     thread_local Scratch scratch;
-    const float* ds = padded(dp + b * ho * wo * co, ho, wo, co, top, left, rows, cols, scratch);
-    int64_t drow = (ds == dp + b * ho * wo * co) ? wo * co : cols * co;
+    const float* db = dp + b * ho * wo * co;
+    const float* ds = padded(db, ho, wo, co, top, left, rows, cols, scratch);
+    int64_t drow = (ds == db ? wo : cols) * co;
     float* xb = xp + b * h * wi * c;
     for (int64_t rh = 0; rh < sh; ++rh)
       for (int64_t rw = 0; rw < sw; ++rw) {
         const Phase &p = (*php)[rh], &q = (*pwp)[rw];
         const float* wq = (*pk)[rh * sw + rw].data();
+        int64_t nq = (wi - rw + sw - 1) / sw;  // dx columns in this phase
         for (int64_t a = 0; rh + sh * a < h; ++a) {
           float* xr = xb + (rh + sh * a) * wi * c;
-          int64_t nb = (wi - rw + sw - 1) / sw;
-          if (p.taps == 0 || q.taps == 0) {
-            for (int64_t e = 0; e < nb; ++e) std::memset(xr + (rw + sw * e) * c, 0, c * sizeof(float));
+          if (p.taps == 0 || q.taps == 0) {  // no tap reaches these pixels (kernel smaller than the stride)
+            for (int64_t e = 0; e < nq; ++e) std::memset(xr + (rw + sw * e) * c, 0, c * sizeof(float));
             continue;
           }
           const float* dr = ds + (a + p.dmin + top) * drow + (q.dmin + left) * co;
-          for (int64_t e = 0; e < nb; e += pixels(c)) {
-            int np = (int)std::min<int64_t>(pixels(c), nb - e);
-            for (int64_t k = 0; k < c; k += 16 * group(c))
-              forward_tail<kAccumulators>(np, group(c), dr + e * co, drow, co, 1, wq + k, p.taps, q.taps, c,
-                                    xr + (rw + sw * e) * c + k, sw * c);
+          for (int64_t e = 0; e < nq; e += pixels(c)) {
+            int nb = (int)std::min<int64_t>(pixels(c), nq - e);
+            for (int64_t k = 0; k < cv; k += 16 * nc)
+              forward_tail<kAccumulators>(nb, nc, dr + e * co, drow, q.taps * co, co, wq + k, cv, p.taps,
+                                          xr + (rw + sw * e) * c + k, sw * c, lanes(c, k, nc));
           }
         }
       }
@@ -213,21 +247,22 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   return ffi::Error::Success();
 }
 
-// dw[i, j, k0:k0+CB, o0:o0+16*NC] += the sum over one image's output pixels of x[pixel's window (i, j), k] * dy[pixel, o];
-// xs points at x[window (i, j) of the first pixel, k0], dy and dw at channel o0.
+// dw[t0:t0+CB, o0:o0+16*NC] += the sum over one image's output pixels of x[window, t] * dy[pixel, o], t running
+// over one kernel row's (kw, c) values, contiguous in x's window row and in dw. xs points at the first pixel's
+// window (value t0), the next pixel's pstride further; dy (pixels of dv values) and dw (rows of dv) at o0.
 template <int CB, int NC>
-static inline void weight_block(const float* xs, int64_t xrow, int64_t c, int64_t sh, int64_t sw, const float* dy,
-                                int64_t ho, int64_t wo, int64_t co, float* dw) {
+static inline void weight_block(const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
+                                int64_t ho, int64_t wo, int64_t dv, float* dw) {
   v16 acc[CB][NC];
   for (int k = 0; k < CB; ++k)
-    for (int m = 0; m < NC; ++m) acc[k][m] = *(const v16*)(dw + k * co + 16 * m);
+    for (int m = 0; m < NC; ++m) acc[k][m] = *(const v16*)(dw + k * dv + 16 * m);
   for (int64_t r = 0; r < ho; ++r) {
     const float* xr = xs + r * sh * xrow;
-    const float* dr = dy + r * wo * co;
+    const float* dr = dy + r * wo * dv;
     for (int64_t q = 0; q < wo; ++q) {
       v16 d[NC];
-      for (int m = 0; m < NC; ++m) d[m] = *(const v16*)(dr + q * co + 16 * m);
-      const float* xq = xr + q * sw * c;
+      for (int m = 0; m < NC; ++m) d[m] = *(const v16*)(dr + q * dv + 16 * m);
+      const float* xq = xr + q * pstride;
       for (int k = 0; k < CB; ++k) {
         float xv = xq[k];
         for (int m = 0; m < NC; ++m) acc[k][m] += xv * d[m];
@@ -235,16 +270,16 @@ static inline void weight_block(const float* xs, int64_t xrow, int64_t c, int64_
     }
   }
   for (int k = 0; k < CB; ++k)
-    for (int m = 0; m < NC; ++m) *(v16*)(dw + k * co + 16 * m) = acc[k][m];
+    for (int m = 0; m < NC; ++m) *(v16*)(dw + k * dv + 16 * m) = acc[k][m];
 }
 
 template <int CB>
-static void weight_tail(int n, int nc, const float* xs, int64_t xrow, int64_t c, int64_t sh, int64_t sw,
-                        const float* dy, int64_t ho, int64_t wo, int64_t co, float* dw) {
+static void weight_tail(int nr, int nc, const float* xs, int64_t xrow, int64_t pstride, int64_t sh,
+                        const float* dy, int64_t ho, int64_t wo, int64_t dv, float* dw) {
   if constexpr (CB > 0) {
-    if (n == CB && nc == 2) return weight_block<CB, 2>(xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
-    if (n == CB) return weight_block<CB, 1>(xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
-    weight_tail<CB - 1>(n, nc, xs, xrow, c, sh, sw, dy, ho, wo, co, dw);
+    if (nr == CB && nc == 2) return weight_block<CB, 2>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+    if (nr == CB) return weight_block<CB, 1>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+    weight_tail<CB - 1>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
   }
 }
 
@@ -252,31 +287,35 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
                                  ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], kh = wd[0], kw = wd[1], co = wd[3], ho = dd[1], wo = dd[2];
-  if (co % 16 != 0) return ffi::Error::InvalidArgument("conv_weight_grad: output channels must be a multiple of 16");
-  int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, size = kh * kw * c * co;
+  int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, run = kw * c, cv = widen(co), size = kh * run * cv;
+  int nc = group(co);
+  int64_t block = nc == 2 ? 8 : 16;  // dw rows per block: 16 or 2 x 8 accumulator vectors
   int64_t workers = num_workers(pool, n);
-  int64_t rows_per_block = group(co) == 2 ? 8 : 16;  // 16 or 2 x 8 accumulator vectors
-  std::vector<float> partial(workers * size, 0.0f);
+  std::vector<float> partial(workers * size, 0.0f);  // one dw (rows of cv) per participant, summed at the end
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
   float* part = partial.data();
   parallel_for(pool, n, workers, [=](int64_t b, int64_t slot) {
     thread_local Scratch scratch;
-    const float* xs = padded(xp + b * h * wi * c, h, wi, c, pt, pl, rows, cols, scratch);
-    int64_t xrow = (xs == xp + b * h * wi * c) ? wi * c : cols * c;
-    const float* db = dp + b * ho * wo * co;
+    thread_local std::vector<float> dy_wide;
+    const float* xb = xp + b * h * wi * c;
+    const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
+    int64_t xrow = (xs == xb ? wi : cols) * c;
+    const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
     float* acc = part + slot * size;
     for (int64_t i = 0; i < kh; ++i)
-      for (int64_t j = 0; j < kw; ++j)
-        for (int64_t k = 0; k < c; k += rows_per_block)
-          for (int64_t o = 0; o < co; o += 16 * group(co))
-            weight_tail<16>((int)std::min<int64_t>(rows_per_block, c - k), group(co), xs + i * xrow + j * c + k, xrow, c, sh, sw, db + o,
-                            ho, wo, co, acc + ((i * kw + j) * c + k) * co + o);
+      for (int64_t t = 0; t < run; t += block)
+        for (int64_t o = 0; o < cv; o += 16 * nc)
+          weight_tail<16>((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh, db + o,
+                          ho, wo, cv, acc + (i * run + t) * cv + o);
   });
   float* out = dw->typed_data();
-  std::memcpy(out, part, size * sizeof(float));
-  for (int64_t s = 1; s < workers; ++s)
-    for (int64_t e = 0; e < size; ++e) out[e] += part[s * size + e];
+  for (int64_t r = 0; r < kh * run; ++r)
+    for (int64_t o = 0; o < co; ++o) {
+      float v = 0.0f;
+      for (int64_t s = 0; s < workers; ++s) v += part[s * size + r * cv + o];
+      out[r * co + o] = v;
+    }
   return ffi::Error::Success();
 }
 

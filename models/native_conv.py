@@ -24,8 +24,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_conv.cc")
-LANES = 16  # the kernels' vector width in channels: forward and weight gradient need output channels, the input
-            # gradient input channels, in multiples of it
 TARGETS = {"forward": "ArchlabConvForward", "input_grad": "ArchlabConvInputGrad",
            "weight_grad": "ArchlabConvWeightGrad"}
 
@@ -123,15 +121,15 @@ def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int
 
 
 def forward(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
-    """y = conv(x, w): x (N, H, W, C), w (kh, kw, C, D) with D a multiple of LANES, padding ((pt, pb), (pl, pr))."""
+    """y = conv(x, w): x (N, H, W, C), w (kh, kw, C, D), padding ((pt, pb), (pl, pr))."""
     return _call("forward", output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides, padding=padding)
 
 
 def input_grad(dy: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
-    """dL/dx from dL/dy; C (w.shape[2]) a multiple of LANES."""
+    """dL/dx from dL/dy."""
     return _call("input_grad", tuple(x_shape), dy, w, strides=strides, padding=padding)
 
 
 def weight_grad(x: jax.Array, dy: jax.Array, w_shape, strides, padding) -> jax.Array:
-    """dL/dw from the layer's input and dL/dy; D (w_shape[3]) a multiple of LANES."""
+    """dL/dw from the layer's input and dL/dy."""
     return _call("weight_grad", tuple(w_shape), x, dy, strides=strides, padding=padding)
