@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from models import native_conv
+from models import cpu_kernels
 from models.mlp import activation_fn
 
 log = logging.getLogger(__name__)
@@ -221,15 +221,45 @@ def patch_embedding(model: str, image_size: int, patch_size: int, in_channels: i
                     dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
+def cpu_kernels_apply(*arrays: jax.Array) -> bool:
+    """Whether archlab's CPU kernels (models/cpu_kernels.py) compute this op: fp32 on a one-device CPU backend,
+    the kernels switched on and built. A step sharded over several devices keeps XLA's ops, which its
+    partitioner splits."""
+    return (jax.default_backend() == "cpu" and all(a.dtype == jnp.float32 for a in arrays)
+            and jax.device_count() == 1 and cpu_kernels.available())
+
+
 def max_pool(x: jax.Array, window: int) -> jax.Array:
     """Max over non-overlapping window x window patches of (B, H, W, C), as nnx.max_pool with stride = window.
 
-    A reshape and a max instead of `reduce_window`, whose gradient (select-and-scatter) XLA's CPU backend runs
-    as iotas, a concatenate and a scatter: LeNet's training step ran 1.15x faster on CPU (README, Performance).
+    On CPU, archlab's kernel, whose gradient goes to each window's first maximum (as PyTorch's and
+    select-and-scatter's): the max below splits it among ties, which XLA runs as a YNNPACK tie count, LeNet's
+    largest kernel (1 of its 5.5 thread-ms a step). Else a reshape and a max instead of `reduce_window`, whose
+    gradient (select-and-scatter) XLA's CPU backend runs as iotas, a concatenate and a scatter (1.15x).
     """
+    if x.ndim == 4 and window <= cpu_kernels.MAX_WINDOW and cpu_kernels_apply(x):
+        return _kernel_max_pool(x, window)
     b, h, w, c = x.shape
     h, w = h - h % window, w - w % window  # VALID: a partial window at the edge is dropped
     return x[:, :h, :w].reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _kernel_max_pool(x: jax.Array, window: int) -> jax.Array:
+    return cpu_kernels.max_pool(x, window)[0]
+
+
+def _kernel_max_pool_fwd(x, window):
+    y, where = cpu_kernels.max_pool(x, window)
+    return y, (where, x.shape)
+
+
+def _kernel_max_pool_bwd(window, residuals, dy):
+    where, shape = residuals
+    return (cpu_kernels.max_pool_grad(dy, where, shape, window),)
+
+
+_kernel_max_pool.defvjp(_kernel_max_pool_fwd, _kernel_max_pool_bwd)
 
 
 FEW_CHANNELS = 8  # cpu_conv: convolutions of at most this many input channels take its few-channel paths
@@ -242,9 +272,9 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     """`lax.conv_general_dilated` for `nnx.Conv(conv_general_dilated=cpu_conv)`: the same convolution, trained
     faster on CPU; other backends, dilations, groups, layouts other than NHWC and ranks other than 2-D go to lax.
 
-    - fp32, 16k output channels, one device: archlab's own kernels (models/native_conv.py), 2-5x XLA's per op;
-      the input gradient too where the input has 16k channels, else as below. ResNet-20 ?x, LeNet ?x (README,
-      Performance). A step sharded over several devices keeps XLA's convolutions, which its partitioner splits.
+    - Where `cpu_kernels_apply` (fp32, one device): archlab's own kernels (models/cpu_kernels.py), forward,
+      input and weight gradient each 2-5x XLA's per op (README, Performance). Without them (no C++ compiler,
+      `runtime.cpu_kernels=false`, a sharded step), XLA's, helped as follows.
     - Few input channels, stride 1 (LeNet's conv1, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
       channels and waste most of each vector on 1 to 8 of them. A 1- or 3-channel forward runs 3-7x faster as
       kh * kw * C shifted multiply-adds, and LeNet's conv2 input gradient (6 channels) 2x faster as one matmul
@@ -265,8 +295,8 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     padding = tuple(tuple(p) for p in padding)
-    if lhs.dtype == rhs.dtype == jnp.float32 and jax.device_count() == 1 and native_conv.available():
-        return _native_conv(lhs, rhs, strides, padding)
+    if cpu_kernels_apply(lhs, rhs):
+        return _kernel_conv(lhs, rhs, strides, padding)
     if rhs.shape[2] > FEW_CHANNELS or strides != (1, 1):
         return _materialized_grad_conv(lhs, rhs, strides, padding, precision)
     return _few_channel_conv(jnp.pad(lhs, ((0, 0), *padding, (0, 0))), rhs)
@@ -306,21 +336,21 @@ _materialized_grad_conv.defvjp(_materialized_grad_conv_fwd, _materialized_grad_c
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _native_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
-    return native_conv.forward(x, w, strides, padding)
+def _kernel_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    return cpu_kernels.conv_forward(x, w, strides, padding)
 
 
-def _native_conv_fwd(x, w, strides, padding):
-    return _native_conv(x, w, strides, padding), (x, w)
+def _kernel_conv_fwd(x, w, strides, padding):
+    return _kernel_conv(x, w, strides, padding), (x, w)
 
 
-def _native_conv_bwd(strides, padding, residuals, dy):
+def _kernel_conv_bwd(strides, padding, residuals, dy):
     x, w = residuals
-    return (native_conv.input_grad(dy, w, x.shape, strides, padding),
-            native_conv.weight_grad(x, dy, w.shape, strides, padding))
+    return (cpu_kernels.conv_input_grad(dy, w, x.shape, strides, padding),
+            cpu_kernels.conv_weight_grad(x, dy, w.shape, strides, padding))
 
 
-_native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+_kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
 
 
 def _col2im_input_grad(dy: jax.Array, w: jax.Array) -> jax.Array:

@@ -70,11 +70,11 @@ def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
 
 
 @pytest.mark.parametrize("on", [True, False])
-def test_runtime_native_conv_switches_archlab_cpu_convolutions(on):
+def test_runtime_cpu_kernels_switches_archlab_cpu_convolutions(on):
     code = ("import jax; from flax import nnx; from models.layers import cpu_conv; "
             "conv = nnx.Conv(16, 16, (3, 3), conv_general_dilated=cpu_conv, rngs=nnx.Rngs(0)); "
             "print('archlab_conv_forward' in str(jax.make_jaxpr(lambda x: conv(x))(jax.numpy.ones((1, 5, 5, 16)))))")
-    out = after_runtime_apply(f"ynn_conv_fusion_off=True, compilation_cache=False, native_conv={on}", code)
+    out = after_runtime_apply(f"ynn_conv_fusion_off=True, compilation_cache=False, cpu_kernels={on}", code)
     assert out.strip() == str(on)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import layers, native_conv
+from models import cpu_kernels, layers
 from models.layers import FeedForward, MultiHeadAttention, attention_kernel, dot_product_attention
 
 D, H, T = 16, 4, 6
@@ -183,10 +183,10 @@ def test_max_pool_equals_nnx_max_pool_and_routes_the_gradient_to_the_maximum(sha
 
 @pytest.fixture(params=["native", "xla"])
 def conv_kernels(request):
-    """cpu_conv with archlab's native kernels (runtime.native_conv=true, the default) and without them."""
-    native_conv.enable(request.param == "native")
+    """cpu_conv with archlab's native kernels (runtime.cpu_kernels=true, the default) and without them."""
+    cpu_kernels.enable(request.param == "native")
     yield request.param
-    native_conv.enable(True)
+    cpu_kernels.enable(True)
 
 
 @pytest.mark.parametrize("c_in, c_out, k, stride, padding", [
@@ -207,7 +207,7 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
         return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=padding, conv_general_dilated=conv_fn,
                         rngs=nnx.Rngs(0))
 
-    x = jax.random.normal(jax.random.key(1), (2, 11, 10, c_in))
+    x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))  # 3 images over 2 threads
     fast, plain = model(layers.cpu_conv), model(jax.lax.conv_general_dilated)
     np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
@@ -216,8 +216,12 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
 
     (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=1e-5)
+    # sums over the batch's pixels in another order: a few 1e-5 apart where a value is near 0
+    np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
+    if conv_kernels == "native":  # the same bits every time, however the threads split the batch
+        grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
+        np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     for target in ["forward", "input_grad", "weight_grad"]:
@@ -226,12 +230,12 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
         assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
 
 
-def test_native_conv_builds_with_the_compiler_it_is_given(tmp_path, monkeypatch):
-    native_conv.build(tmp_path / "conv.so")
+def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
+    cpu_kernels.build(tmp_path / "conv.so")
     assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
     monkeypatch.setenv("CXX", "no-such-c++")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
-        native_conv.build(tmp_path / "other.so")
+        cpu_kernels.build(tmp_path / "other.so")
     assert not (tmp_path / "other.so").exists()
 
 
@@ -244,3 +248,21 @@ def test_cpu_conv_keeps_bfloat16_and_other_ranks():
     conv1d = nnx.Conv(2, 3, (3,), conv_general_dilated=layers.cpu_conv, rngs=nnx.Rngs(0))  # (B, L, C): lax
     assert conv1d(jnp.ones((2, 7, 2))).shape == (2, 7, 3)
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda v: conv1d(v))(jnp.ones((2, 7, 2))))
+
+
+@pytest.mark.parametrize("shape, window", [((2, 24, 24, 6), 2), ((1, 9, 7, 20), 2), ((2, 9, 9, 1), 3)])
+def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_kernels):
+    """archlab's CPU kernel and the reshape-and-max agree on values and, without ties, on gradients; with ties the
+    kernel gives the whole gradient to the first maximum of each window, as select-and-scatter does."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    weights = jax.random.normal(jax.random.key(1), layers.max_pool(x, window).shape)
+    pooled = lambda v: jnp.sum(layers.max_pool(v, window) * weights)
+    np.testing.assert_array_equal(layers.max_pool(x, window), nnx.max_pool(x, (window, window), (window, window)))
+    grad_ref = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (window, window), (window, window)) * weights))
+    np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(x), grad_ref(x))
+    ties = jnp.round(x)  # many windows with equal maxima
+    if conv_kernels == "native":
+        assert "archlab_max_pool_grad" in str(jax.make_jaxpr(jax.grad(pooled))(x))
+        np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(ties), grad_ref(ties))
+    else:
+        np.testing.assert_allclose(jnp.sum(jax.grad(pooled)(ties)), jnp.sum(grad_ref(ties)), rtol=1e-5)

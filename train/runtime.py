@@ -50,7 +50,7 @@ def accelerator_installed() -> bool:
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
           ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = False,
-          cpu_devices: int = 1, native_conv: bool = True) -> None:
+          cpu_devices: int = 1, cpu_kernels: bool = True) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation.
 
     `autotune` is read by the train loop (train/autotune.py); it is checked here, before JAX starts.
@@ -62,7 +62,7 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
                          f"the number of CPU devices the step is split over)")
     switches = {"keep_freed_memory": keep_freed_memory, "ynn_conv_fusion_off": ynn_conv_fusion_off,
                 "compilation_cache": compilation_cache, "ynn_dot_fusion_off": ynn_dot_fusion_off,
-                "ynn_reduce_fusion_off": ynn_reduce_fusion_off, "native_conv": native_conv}
+                "ynn_reduce_fusion_off": ynn_reduce_fusion_off, "cpu_kernels": cpu_kernels}
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ValueError(f"runtime.{key}={value} is not a switch (valid: true, false)")
@@ -81,6 +81,6 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "jax"
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small models compile in < 1 s too
-    from models import native_conv as kernels
+    from models import cpu_kernels as kernels
 
-    kernels.enable(native_conv)
+    kernels.enable(cpu_kernels)

@@ -1,10 +1,11 @@
-"""Direct NHWC fp32 convolutions for the CPU (models/native_conv.cc), called from jitted code through XLA's FFI.
+"""NHWC fp32 convolutions and max pooling for the CPU (models/cpu_kernels.cc), called from jitted code through
+XLA's FFI.
 
-XLA's CPU convolutions (Eigen) are ResNet-20's and LeNet's bottleneck; these run a 3x3 layer's forward, input
-gradient and weight gradient 2-5x faster (README, Performance). The C++ file is compiled for this machine
-(`-march=native`) the first time it is needed, into ~/.cache/archlab/native, keyed by the source, the compiler
-flags, jaxlib's version and the CPU; with no C++ compiler, or `runtime.native_conv=false`, `layers.cpu_conv`
-keeps XLA's convolutions.
+XLA's CPU convolutions (Eigen) were ResNet-20's and LeNet's bottleneck, and LeNet's max-pool gradient (YNNPACK's
+tie count) its largest kernel; these run a 3x3 layer's forward, input gradient and weight gradient 2-5x faster
+(README, Performance). The C++ file is compiled for this machine (`-march=native`) the first time it is needed,
+into ~/.cache/archlab/native, keyed by the source, the compiler flags, jaxlib's version and the CPU; with no C++
+compiler, or `runtime.cpu_kernels=false`, `layers.cpu_conv` and `layers.max_pool` compute with XLA alone.
 """
 
 import hashlib
@@ -23,9 +24,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native_conv.cc")
-TARGETS = {"forward": "ArchlabConvForward", "input_grad": "ArchlabConvInputGrad",
-           "weight_grad": "ArchlabConvWeightGrad"}
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_grad": "ArchlabConvInputGrad",
+           "archlab_conv_weight_grad": "ArchlabConvWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
+           "archlab_max_pool_grad": "ArchlabMaxPoolGrad"}
 
 _enabled = True
 _loaded: bool | None = None  # None: not tried yet
@@ -33,7 +35,7 @@ _lock = threading.Lock()
 
 
 def enable(on: bool) -> None:
-    """`runtime.native_conv`: whether `layers.cpu_conv` may use these kernels (train/runtime.py)."""
+    """`runtime.cpu_kernels`: whether `layers.cpu_conv` and `layers.max_pool` may use these kernels."""
     global _enabled
     _enabled = on
 
@@ -97,39 +99,57 @@ def available() -> bool:
                     build(path)
                 lib = ctypes.cdll.LoadLibrary(str(path))
                 for name, symbol in TARGETS.items():
-                    jax.ffi.register_ffi_target(f"archlab_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
-                                                platform="cpu")
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
                 _loaded = True
             except Exception as err:  # no compiler, a failed build: XLA's convolutions still work
-                log.warning("native CPU convolutions unavailable, using XLA's: %s", err)
+                log.warning("archlab's CPU kernels unavailable, using XLA's: %s", err)
                 _loaded = False
     return _loaded
 
 
-def _call(name: str, shape: tuple[int, ...], *args: jax.Array, strides, padding) -> jax.Array:
+def _conv(name: str, shape: tuple[int, ...], *args: jax.Array, strides, padding) -> jax.Array:
     attrs = dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]),
                  pt=np.int64(padding[0][0]), pl=np.int64(padding[1][0]))
     return jax.ffi.ffi_call(f"archlab_conv_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")(*args, **attrs)
 
 
-def output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
+def conv_output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
     (pt, pb), (pl, pr) = padding
     ho = (x_shape[1] + pt + pb - w_shape[0]) // strides[0] + 1
     wo = (x_shape[2] + pl + pr - w_shape[1]) // strides[1] + 1
     return x_shape[0], ho, wo, w_shape[3]
 
 
-def forward(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+def conv_forward(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
     """y = conv(x, w): x (N, H, W, C), w (kh, kw, C, D), padding ((pt, pb), (pl, pr))."""
-    return _call("forward", output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides, padding=padding)
+    return _conv("forward", conv_output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides,
+                 padding=padding)
 
 
-def input_grad(dy: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
+def conv_input_grad(dy: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
     """dL/dx from dL/dy."""
-    return _call("input_grad", tuple(x_shape), dy, w, strides=strides, padding=padding)
+    return _conv("input_grad", tuple(x_shape), dy, w, strides=strides, padding=padding)
 
 
-def weight_grad(x: jax.Array, dy: jax.Array, w_shape, strides, padding) -> jax.Array:
+def conv_weight_grad(x: jax.Array, dy: jax.Array, w_shape, strides, padding) -> jax.Array:
     """dL/dw from the layer's input and dL/dy."""
-    return _call("weight_grad", tuple(w_shape), x, dy, strides=strides, padding=padding)
+    return _conv("weight_grad", tuple(w_shape), x, dy, strides=strides, padding=padding)
+
+
+MAX_WINDOW = 15  # max_pool records each maximum's window position in a byte
+
+
+def max_pool(x: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
+    """Max over window x window tiles of x (N, H, W, C), VALID, and where in its tile each maximum is (uint8)."""
+    n, h, w, c = x.shape
+    shape = (n, h // window, w // window, c)
+    return jax.ffi.ffi_call("archlab_max_pool", (jax.ShapeDtypeStruct(shape, jnp.float32),
+                                                 jax.ShapeDtypeStruct(shape, jnp.uint8)),
+                            vmap_method="sequential")(x, k=np.int64(window))
+
+
+def max_pool_grad(dy: jax.Array, where: jax.Array, x_shape, window: int) -> jax.Array:
+    """dL/dx: each tile's dL/dy to the first position of its maximum, zero elsewhere."""
+    return jax.ffi.ffi_call("archlab_max_pool_grad", jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+                            vmap_method="sequential")(dy, where, k=np.int64(window))

@@ -1,4 +1,4 @@
-// Direct NHWC fp32 convolutions for XLA's CPU backend, called through XLA's FFI (models/native_conv.py builds and
+// Direct NHWC fp32 convolutions and max pooling for XLA's CPU backend, called through XLA's FFI (models/cpu_kernels.py builds and
 // registers them). XLA's CPU convolutions (Eigen) run ResNet-20's 3x3 layers at a third to a half of the machine's
 // FMA rate and its weight gradients slower still; these loops keep one image's tile in cache and a block of output
 // pixels (or of the weight gradient's rows) in vector registers, one vector of 16 channels wide.
@@ -291,23 +291,27 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   int nc = group(co);
   int64_t block = nc == 2 ? 8 : 16;  // dw rows per block: 16 or 2 x 8 accumulator vectors
   int64_t workers = num_workers(pool, n);
-  std::vector<float> partial(workers * size, 0.0f);  // one dw (rows of cv) per participant, summed at the end
+  std::vector<float> partial(workers * size, 0.0f);  // one dw (rows of cv) per chunk of images, summed at the end
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
   float* part = partial.data();
-  parallel_for(pool, n, workers, [=](int64_t b, int64_t slot) {
+  // Image chunk s adds into partial dw s, whichever thread takes it: the sums' order, hence the result, is the
+  // same in every run.
+  parallel_for(pool, workers, workers, [=](int64_t chunk, int64_t) {
     thread_local Scratch scratch;
     thread_local std::vector<float> dy_wide;
-    const float* xb = xp + b * h * wi * c;
-    const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
-    int64_t xrow = (xs == xb ? wi : cols) * c;
-    const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
-    float* acc = part + slot * size;
-    for (int64_t i = 0; i < kh; ++i)
-      for (int64_t t = 0; t < run; t += block)
-        for (int64_t o = 0; o < cv; o += 16 * nc)
-          weight_tail<16>((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh, db + o,
-                          ho, wo, cv, acc + (i * run + t) * cv + o);
+    float* acc = part + chunk * size;
+    for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
+      const float* xb = xp + b * h * wi * c;
+      const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
+      int64_t xrow = (xs == xb ? wi : cols) * c;
+      const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
+      for (int64_t i = 0; i < kh; ++i)
+        for (int64_t t = 0; t < run; t += block)
+          for (int64_t o = 0; o < cv; o += 16 * nc)
+            weight_tail<16>((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh,
+                            db + o, ho, wo, cv, acc + (i * run + t) * cv + o);
+    }
   });
   float* out = dw->typed_data();
   for (int64_t r = 0; r < kh * run; ++r)
@@ -318,6 +322,123 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
     }
   return ffi::Error::Success();
 }
+
+// Max pooling over k x k windows at stride k (VALID), and its gradient routed to each window's first maximum (as
+// reduce_window's select-and-scatter and PyTorch do), from the window positions the forward pass records. One
+// output pixel's channels at a time, 16 to a vector (masked for the last few) where AVX-512 is there.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
+  for (int64_t e = 0; e < c; e += 16) {
+    __mmask16 lanes = (__mmask16)(c - e >= 16 ? 0xFFFF : (1u << (c - e)) - 1);
+    __m512 best = _mm512_maskz_loadu_ps(lanes, x + e);
+    __m512i pos = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        if (i == 0 && j == 0) continue;
+        __m512 v = _mm512_maskz_loadu_ps(lanes, x + i * row + j * c + e);
+        // v wins if greater, or if it is a NaN and best is not (a NaN propagates, as in reduce_max)
+        __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) |
+                         (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(best, best, _CMP_ORD_Q));
+        best = _mm512_mask_blend_ps(take, best, v);
+        pos = _mm512_mask_blend_epi32(take, pos, _mm512_set1_epi32((int)(i * k + j)));
+      }
+    _mm512_mask_storeu_ps(y + e, lanes, best);
+    _mm_mask_storeu_epi8(where + e, lanes, _mm512_cvtepi32_epi8(pos));
+  }
+}
+
+static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx) {
+  for (int64_t e = 0; e < c; e += 16) {
+    __mmask16 lanes = (__mmask16)(c - e >= 16 ? 0xFFFF : (1u << (c - e)) - 1);
+    __m512 gv = _mm512_maskz_loadu_ps(lanes, g + e);
+    __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, where + e));
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        __mmask16 hit = _mm512_cmpeq_epi32_mask(pos, _mm512_set1_epi32((int)(i * k + j)));
+        _mm512_mask_storeu_ps(dx + i * row + j * c + e, lanes, _mm512_maskz_mov_ps(hit, gv));
+      }
+  }
+}
+#else
+static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
+  for (int64_t e = 0; e < c; ++e) {
+    float best = x[e];
+    uint8_t pos = 0;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j) {
+        float v = x[i * row + j * c + e];
+        if (v > best || (v != v && best == best)) {
+          best = v;
+          pos = (uint8_t)(i * k + j);
+        }
+      }
+    y[e] = best;
+    where[e] = pos;
+  }
+}
+
+static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx) {
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t e = 0; e < c; ++e) dx[i * row + j * c + e] = where[e] == i * k + j ? g[e] : 0.0f;
+}
+#endif
+
+static ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+                          ffi::ResultBuffer<ffi::U8> where, int64_t k) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], ho = yd[1], wo = yd[2];
+  if (k < 1 || k > 15) return ffi::Error::InvalidArgument("max_pool: window must be 1 to 15");
+  const float* xp = x.typed_data();
+  float* yp = y->typed_data();
+  uint8_t* wp = where->typed_data();
+  parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+    for (int64_t r = 0; r < ho; ++r)
+      for (int64_t q = 0; q < wo; ++q) {
+        int64_t o = ((b * ho + r) * wo + q) * c;
+        pool_pixel(xp + ((b * h + r * k) * wi + q * k) * c, wi * c, k, c, yp + o, wp + o);
+      }
+  });
+  return ffi::Error::Success();
+}
+
+static ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::U8> where,
+                              ffi::ResultBuffer<ffi::F32> dx, int64_t k) {
+  auto dd = dy.dimensions(), xd = dx->dimensions();
+  int64_t n = dd[0], ho = dd[1], wo = dd[2], c = dd[3], h = xd[1], wi = xd[2];
+  const float* dp = dy.typed_data();
+  const uint8_t* wp = where.typed_data();
+  float* xp = dx->typed_data();
+  parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+    float* xb = xp + b * h * wi * c;
+    for (int64_t r = 0; r < ho; ++r) {
+      for (int64_t q = 0; q < wo; ++q) {
+        int64_t o = ((b * ho + r) * wo + q) * c;
+        unpool_pixel(dp + o, wp + o, wi * c, k, c, xb + (r * k * wi + q * k) * c);
+      }
+      for (int64_t i = 0; i < k && wo * k < wi; ++i)  // columns no window covers
+        std::memset(xb + ((r * k + i) * wi + wo * k) * c, 0, (wi - wo * k) * c * sizeof(float));
+    }
+    if (ho * k < h) std::memset(xb + ho * k * wi * c, 0, (h - ho * k) * wi * c * sizeof(float));  // and rows
+  });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabMaxPool, MaxPool,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>()
+                                  .Attr<int64_t>("k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabMaxPoolGrad, MaxPoolGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("k"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvForward, ConvForward,
                               ffi::Ffi::Bind()
