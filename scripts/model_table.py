@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.resnet import BasicBlock, Bottleneck, ResNet
 from train import targets
+from train.flops import compiled_flops
 from train.config import check_group_choices
 
 KINDS = ("attention", "feed-forward", "embedding", "norm", "other")
@@ -69,10 +70,10 @@ def example_inputs(data_cfg: DictConfig, model_cfg: DictConfig | None = None) ->
 
 
 def forward_flops(model: nnx.Module, inputs: tuple[jax.ShapeDtypeStruct, ...]) -> float:
-    """FLOPs of one compiled forward pass by XLA's cost analysis (a multiply-add counts 2)."""
+    """FLOPs of one compiled forward pass by XLA's cost analysis (a multiply-add counts 2), archlab's CPU
+    convolutions included (train/flops.py)."""
     graphdef, state = nnx.split(model)
-    compiled = jax.jit(lambda s, *xs: nnx.merge(graphdef, s)(*xs)).lower(state, *inputs).compile()
-    return float(compiled.cost_analysis()["flops"])
+    return compiled_flops(lambda s, *xs: nnx.merge(graphdef, s)(*xs), state, *inputs)
 
 
 def module_outputs(model: nnx.Module, inputs: tuple[jax.ShapeDtypeStruct, ...]) -> dict[tuple, list[tuple]]:

@@ -266,3 +266,22 @@ def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_ke
         np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(ties), grad_ref(ties))
     else:
         np.testing.assert_allclose(jnp.sum(jax.grad(pooled)(ties)), jnp.sum(grad_ref(ties)), rtol=1e-5)
+
+
+def test_flops_count_the_cpu_kernels_convolutions():
+    """XLA's cost analysis cannot see into a custom call: train/flops.py adds the kernels' convolutions, full
+    windows as PyTorch's FlopCounterMode counts them (XLA's own count of its convolutions leaves out the taps
+    that fall on padding)."""
+    from train.flops import compiled_flops
+
+    conv = nnx.Conv(16, 32, (3, 3), conv_general_dilated=layers.cpu_conv, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(conv)
+    step = lambda: jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x) ** 2), argnums=(0, 1))  # traced anew
+    x = jax.ShapeDtypeStruct((4, 9, 9, 16), jnp.float32)
+    macs = 4 * 9 * 9 * 32 * 3 * 3 * 16  # the forward, the input gradient and the weight gradient each
+    assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * macs, rel=0.01)
+    cpu_kernels.enable(False)
+    try:
+        assert 0.85 * 3 * 2 * macs < compiled_flops(step(), state, x) < 3 * 2 * macs  # 9x9 SAME: (25/27)^2 = 0.857
+    finally:
+        cpu_kernels.enable(True)

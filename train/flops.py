@@ -2,13 +2,16 @@
 
 XLA's cost analysis counts a loop's body once whatever its trip count: a Mamba scan over 128 tokens counts as one
 token, scanned layers as one layer, gradient accumulation as one micro-batch. `compiled_flops` adds the missing
-iterations of every `lax.scan` in the function's jaxpr, each body's cost again from XLA's cost analysis.
+iterations of every `lax.scan` in the function's jaxpr, each body's cost again from XLA's cost analysis, and the
+convolutions of archlab's CPU kernels (models/cpu_kernels.py), custom calls whose cost XLA cannot see.
 """
 
 from typing import Any, Callable
 
 import jax
 from jax.extend import core
+
+from models import cpu_kernels
 
 
 def xla_flops(compiled: Any) -> float:
@@ -26,10 +29,14 @@ def compiled_flops(fn: Callable, *args, compiled: Any = None) -> float:
 
 
 def loop_flops(jaxpr: core.Jaxpr, cache: dict) -> float:
-    """The FLOPs XLA leaves out of `jaxpr`: every scan's iterations beyond those it counts, nested scans included."""
+    """The FLOPs XLA leaves out of `jaxpr`: every scan's iterations beyond those it counts, nested scans included,
+    and archlab's CPU kernels."""
     extra = 0.0
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
+        if eqn.primitive.name == "ffi_call":
+            extra += cpu_kernels.conv_flops(eqn.params["target_name"], [v.aval.shape for v in eqn.invars],
+                                            [v.aval.shape for v in eqn.outvars])
+        elif eqn.primitive.name == "scan":
             body, n, unroll = eqn.params["jaxpr"], eqn.params["length"], eqn.params["unroll"]
             counted = n if unroll is True else min(max(int(unroll), 1), n)  # XLA's body holds `unroll` iterations
             extra += (n - counted) * body_flops(body, cache) + n * loop_flops(body.jaxpr, cache)
