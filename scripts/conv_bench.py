@@ -1,0 +1,133 @@
+"""Per-op convolution times: XLA's (`lax.conv_general_dilated`), archlab's CPU kernels (models/cpu_kernels.py) and
+PyTorch's (oneDNN, channels-last), forward, input gradient and weight gradient, each jitted (or eager) alone;
+archlab's through `layers.cpu_conv`, as LeNet and ResNet call them.
+
+    python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, 3 rounds
+    python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
+
+The three libraries take turns within every round (best of 10 calls per turn), so that this VM's drift hits all
+alike; each figure is the median over the rounds of those bests, in ms. PyTorch (the `bench` extra) is left out
+when it is not installed. Writes JSON and a Markdown table (outputs/bench/conv_bench.*).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from models import cpu_kernels  # noqa: E402
+from models.layers import cpu_conv  # noqa: E402
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+OPS = ("forward", "input_grad", "weight_grad")
+# (name, height = width, in channels, out channels, kernel, stride, padding)
+LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
+          ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
+          ("lenet conv2", 12, 6, 16, 5, 1, 0), ("lenet conv1", 28, 1, 6, 5, 1, 0)]
+
+
+def best_ms(fn, calls: int = 10) -> float:
+    """The fastest of `calls` timed calls (a busy machine only adds time)."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
+def jax_ops(conv, x, w, dy) -> dict:
+    """forward / input gradient / weight gradient of `conv(x, w)`, jitted, each a call that blocks."""
+    fwd = jax.jit(conv)
+    dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
+    dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+    return {"forward": lambda: fwd(x, w).block_until_ready(),
+            "input_grad": lambda: dx(x, w, dy).block_until_ready(),
+            "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
+
+
+def torch_ops(x, w, dy, stride: int, pad: int) -> dict:
+    import torch
+
+    cl = torch.channels_last
+    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    wt = torch.from_numpy(np.asarray(w)).permute(3, 2, 0, 1).contiguous(memory_format=cl)
+    dyt = torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    grad = torch.ops.aten.convolution_backward
+    args = (dyt, xt, wt, None, [stride] * 2, [pad] * 2, [1, 1], False, [0, 0], 1)
+    with torch.no_grad():
+        return {"forward": lambda: torch.nn.functional.conv2d(xt, wt, stride=stride, padding=pad),
+                "input_grad": lambda: grad(*args, [True, False, False]),
+                "weight_grad": lambda: grad(*args, [False, True, False])}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "conv_bench.json"))
+    args = ap.parse_args(argv)
+    if args.batch < 1 or args.rounds < 1:
+        raise SystemExit(f"error: --batch {args.batch} and --rounds {args.rounds} must be at least 1")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cpu_kernels.available():
+        raise SystemExit("error: archlab's CPU kernels could not be built (see the warning above); install a C++ "
+                         "compiler or set CXX")
+    libraries = ["xla", "archlab"] + (["pytorch"] if importlib.util.find_spec("torch") else [])
+    rows = []
+    for name, size, c_in, c_out, k, stride, pad in LAYERS:
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.standard_normal((args.batch, size, size, c_in), dtype=np.float32))
+        w = jnp.asarray(rng.standard_normal((k, k, c_in, c_out), dtype=np.float32))
+        padding = ((pad, pad), (pad, pad))
+        xla = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+        dy = jnp.asarray(rng.standard_normal(xla(x, w).shape, dtype=np.float32))
+        kernels = lambda x, w: cpu_conv(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+        ops = {"xla": jax_ops(xla, x, w, dy), "archlab": jax_ops(kernels, x, w, dy)}
+        if "pytorch" in libraries:
+            ops["pytorch"] = torch_ops(x, w, dy, stride, pad)
+        times = {lib: {op: [] for op in OPS} for lib in libraries}
+        for fns in ops.values():
+            for fn in fns.values():
+                fn()  # compile and warm up
+        for r in range(args.rounds):
+            for lib in (libraries if r % 2 == 0 else libraries[::-1]):
+                for op in OPS:
+                    times[lib][op].append(best_ms(ops[lib][op]))
+        row = {"layer": name, "shape": [args.batch, size, size, c_in, c_out, k, stride, pad],
+               **{lib: {op: statistics.median(times[lib][op]) for op in OPS} for lib in libraries}}
+        rows.append(row)
+        print(name, " | ".join(f"{lib} " + " / ".join(f"{row[lib][op]:.2f}" for op in OPS) for lib in libraries),
+              flush=True)
+    command = " ".join(["python scripts/conv_bench.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
+              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows}
+    out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".json.partial").replace(out)
+    header = "| layer | " + " | ".join(f"{lib} ms (fwd / dx / dW)" for lib in libraries) + " |"
+    lines = [f"`{result['command']}`, {result['date']}, batch {args.batch}, median over {args.rounds} rounds "
+             "of each library's best of 10 calls", "", header, "|---" * (len(libraries) + 1) + "|"]
+    lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in OPS)
+                                                      for lib in libraries) + " |" for row in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

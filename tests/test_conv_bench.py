@@ -1,0 +1,28 @@
+"""scripts/conv_bench.py: runs, writes sane figures for the three libraries, and names bad arguments."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_conv_bench_times_every_layer_in_every_library(tmp_path):
+    out = tmp_path / "conv.json"
+    done = subprocess.run([sys.executable, "scripts/conv_bench.py", "--batch", "2", "--rounds", "1", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert [r["layer"] for r in result["rows"]][:2] == ["resnet20 stage 1", "resnet20 stage 2"]
+    for row in result["rows"]:
+        for lib in ("xla", "archlab", "pytorch"):
+            assert all(0 < row[lib][op] < 10_000 for op in ("forward", "input_grad", "weight_grad")), (row, lib)
+    assert "| resnet20 stage 1 |" in out.with_suffix(".md").read_text()
+
+
+def test_conv_bench_names_a_bad_batch():
+    done = subprocess.run([sys.executable, "scripts/conv_bench.py", "--batch", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
+        "error: --batch 0 and --rounds 3 must be at least 1")
