@@ -1,7 +1,8 @@
-// Direct NHWC fp32 convolutions and max pooling for XLA's CPU backend, called through XLA's FFI (models/cpu_kernels.py builds and
-// registers them). XLA's CPU convolutions (Eigen) run ResNet-20's 3x3 layers at a third to a half of the machine's
-// FMA rate and its weight gradients slower still; these loops keep one image's tile in cache and a block of output
-// pixels (or of the weight gradient's rows) in vector registers, one vector of 16 channels wide.
+// Direct NHWC fp32 convolutions and max pooling for XLA's CPU backend, called through XLA's FFI
+// (models/cpu_kernels.py builds and registers them). XLA's CPU convolutions (Eigen) run ResNet-20's 3x3 layers at
+// a third to a half of the machine's FMA rate and their weight gradients at a quarter; these loops keep one
+// image's tile in cache and a block of output pixels (or of the weight gradient's rows) in vector registers,
+// 16 channels to a vector (AVX-512 on x86; the compiler splits the vectors elsewhere).
 //
 // Layouts as lax.conv_general_dilated with ("NHWC", "HWIO", "NHWC"); strides (sh, sw); the top and left padding
 // (pt, pl), the bottom and right following from the output's shape. Images are split over XLA's intra-op threads.
@@ -22,19 +23,32 @@ namespace ffi = xla::ffi;
 #include <immintrin.h>
 #endif
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned access
+// The machine's vector of floats, and how many of them the blocks below keep as accumulators: the rest of the
+// vector registers hold weights and inputs (a block that does not fit its registers runs 10x slower).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kAccumulators = 16;  // 32 registers of 16 floats
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kAccumulators = 12;  // 16 registers of 8
+#elif defined(__aarch64__)
+constexpr int kLanes = 4, kAccumulators = 16;  // NEON: 32 registers of 4
+#else
+constexpr int kLanes = 4, kAccumulators = 12;  // SSE: 16 registers of 4
+#endif
+typedef float vec __attribute__((vector_size(4 * kLanes), aligned(4)));  // unaligned access
 
-// Channels are processed 16 at a time, two vectors at a time where they divide by 32; a count that is not a
-// multiple of 16 is widened with zeros in packed copies of the weights (or of dy) and stored lane by lane.
-static int64_t widen(int64_t d) { return (d + 15) / 16 * 16; }
-static int group(int64_t d) { return d % 32 == 0 ? 2 : 1; }
-static int lanes(int64_t d, int64_t o, int nc) { return (int)std::min<int64_t>(16, d - o - 16 * (nc - 1)); }
-constexpr int kAccumulators = 16;  // of AVX-512's 32 vector registers; the others hold weights and inputs
+// Channels are processed a vector at a time, two where they divide into pairs of vectors; a count that is not a
+// whole number of vectors is widened with zeros in packed copies of the weights (or of dy) and stored through a
+// mask.
+static int64_t widen(int64_t d) { return (d + kLanes - 1) / kLanes * kLanes; }
+static int group(int64_t d) { return d % (2 * kLanes) == 0 ? 2 : 1; }
+static int lanes(int64_t d, int64_t o, int nc) {
+  return (int)std::min<int64_t>(kLanes, d - o - kLanes * (nc - 1));
+}
 static int pixels(int64_t d) { return kAccumulators / group(d); }  // output pixels per forward block
 
-static inline void store(float* p, v16 v, int n) {
-  if (n == 16) {
-    *(v16*)p = v;
+static inline void store(float* p, vec v, int n) {
+  if (n == kLanes) {
+    *(vec*)p = v;
     return;
   }
 #ifdef __AVX512F__
@@ -103,7 +117,7 @@ static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int6
   return out;
 }
 
-// y[b, o0:o0+16*NC] for BW neighbouring output pixels b. xs points at the first one's window, whose rows are run
+// y[b, o0:o0+kLanes*NC] for BW neighbouring output pixels b. xs points at the first one's window, whose rows are run
 // contiguous values apart xrow, the next pixel's window pstride further; w at [0, o0], rows of wstride, run rows
 // per window row. BW * NC accumulators stay in registers; each x value is loaded once for NC vectors, each w
 // vector once for BW pixels. The last vector stores its first n lanes. PS > 0 is pstride known at compile time,
@@ -112,13 +126,13 @@ template <int BW, int NC, int PS>
 static inline void forward_block(const float* xs, int64_t xrow, int64_t run, int64_t pixel_stride, const float* w,
                                  int64_t wstride, int64_t kh, float* y, int64_t ystride, int n) {
   const int64_t pstride = PS > 0 ? PS : pixel_stride;
-  v16 acc[BW][NC] = {};
+  vec acc[BW][NC] = {};
   for (int64_t i = 0; i < kh; ++i) {
     const float* xp = xs + i * xrow;
     const float* wp = w + i * run * wstride;
     for (int64_t t = 0; t < run; ++t) {
-      v16 wv[NC];
-      for (int m = 0; m < NC; ++m) wv[m] = *(const v16*)(wp + t * wstride + 16 * m);
+      vec wv[NC];
+      for (int m = 0; m < NC; ++m) wv[m] = *(const vec*)(wp + t * wstride + kLanes * m);
       for (int b = 0; b < BW; ++b) {
         float xv = xp[b * pstride + t];
         for (int m = 0; m < NC; ++m) acc[b][m] += xv * wv[m];
@@ -126,8 +140,8 @@ static inline void forward_block(const float* xs, int64_t xrow, int64_t run, int
     }
   }
   for (int b = 0; b < BW; ++b) {
-    for (int m = 0; m < NC - 1; ++m) *(v16*)(y + b * ystride + 16 * m) = acc[b][m];
-    store(y + b * ystride + 16 * (NC - 1), acc[b][NC - 1], n);
+    for (int m = 0; m < NC - 1; ++m) *(vec*)(y + b * ystride + kLanes * m) = acc[b][m];
+    store(y + b * ystride + kLanes * (NC - 1), acc[b][NC - 1], n);
   }
 }
 
@@ -168,7 +182,7 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     for (int64_t r = 0; r < ho; ++r)
       for (int64_t q = 0; q < wo; q += pixels(co)) {
         int nb = (int)std::min<int64_t>(pixels(co), wo - q);
-        for (int64_t o = 0; o < cv; o += 16 * nc)
+        for (int64_t o = 0; o < cv; o += kLanes * nc)
           forward_tail<kAccumulators>(nb, nc, xs + r * sh * xrow + q * sw * c, xrow, kw * c, sw * c, wp + o, cv,
                                       kh, yp + ((b * ho + r) * wo + q) * co + o, co, lanes(co, o, nc));
       }
@@ -247,7 +261,7 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
           const float* dr = ds + (a + p.dmin + top) * drow + (q.dmin + left) * co;
           for (int64_t e = 0; e < nq; e += pixels(c)) {
             int nb = (int)std::min<int64_t>(pixels(c), nq - e);
-            for (int64_t k = 0; k < cv; k += 16 * nc)
+            for (int64_t k = 0; k < cv; k += kLanes * nc)
               forward_tail<kAccumulators>(nb, nc, dr + e * co, drow, q.taps * co, co, wq + k, cv, p.taps,
                                           xr + (rw + sw * e) * c + k, sw * c, lanes(c, k, nc));
           }
@@ -257,21 +271,21 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   return ffi::Error::Success();
 }
 
-// dw[t0:t0+CB, o0:o0+16*NC] += the sum over one image's output pixels of x[window, t] * dy[pixel, o], t running
+// dw[t0:t0+CB, o0:o0+kLanes*NC] += the sum over one image's output pixels of x[window, t] * dy[pixel, o], t running
 // over one kernel row's (kw, c) values, contiguous in x's window row and in dw. xs points at the first pixel's
 // window (value t0), the next pixel's pstride further; dy (pixels of dv values) and dw (rows of dv) at o0.
 template <int CB, int NC>
 static inline void weight_block(const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
                                 int64_t ho, int64_t wo, int64_t dv, float* dw) {
-  v16 acc[CB][NC];
+  vec acc[CB][NC];
   for (int k = 0; k < CB; ++k)
-    for (int m = 0; m < NC; ++m) acc[k][m] = *(const v16*)(dw + k * dv + 16 * m);
+    for (int m = 0; m < NC; ++m) acc[k][m] = *(const vec*)(dw + k * dv + kLanes * m);
   for (int64_t r = 0; r < ho; ++r) {
     const float* xr = xs + r * sh * xrow;
     const float* dr = dy + r * wo * dv;
     for (int64_t q = 0; q < wo; ++q) {
-      v16 d[NC];
-      for (int m = 0; m < NC; ++m) d[m] = *(const v16*)(dr + q * dv + 16 * m);
+      vec d[NC];
+      for (int m = 0; m < NC; ++m) d[m] = *(const vec*)(dr + q * dv + kLanes * m);
       const float* xq = xr + q * pstride;
       for (int k = 0; k < CB; ++k) {
         float xv = xq[k];
@@ -280,7 +294,7 @@ static inline void weight_block(const float* xs, int64_t xrow, int64_t pstride, 
     }
   }
   for (int k = 0; k < CB; ++k)
-    for (int m = 0; m < NC; ++m) *(v16*)(dw + k * dv + 16 * m) = acc[k][m];
+    for (int m = 0; m < NC; ++m) *(vec*)(dw + k * dv + kLanes * m) = acc[k][m];
 }
 
 template <int CB>
@@ -299,7 +313,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], kh = wd[0], kw = wd[1], co = wd[3], ho = dd[1], wo = dd[2];
   int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, run = kw * c, cv = widen(co), size = kh * run * cv;
   int nc = group(co);
-  int64_t block = nc == 2 ? 8 : 16;  // dw rows per block: 16 or 2 x 8 accumulator vectors
+  int64_t block = kAccumulators / nc;  // dw rows per block, each nc accumulator vectors
   int64_t workers = num_workers(pool, n);
   std::vector<float> partial(workers * size, 0.0f);  // one dw (rows of cv) per chunk of images, summed at the end
   const float* xp = x.typed_data();
@@ -318,8 +332,8 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
       const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t t = 0; t < run; t += block)
-          for (int64_t o = 0; o < cv; o += 16 * nc)
-            weight_tail<16>((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh,
+          for (int64_t o = 0; o < cv; o += kLanes * nc)
+            weight_tail<kAccumulators>((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh,
                             db + o, ho, wo, cv, acc + (i * run + t) * cv + o);
     }
   });
