@@ -63,7 +63,7 @@ def library_path() -> Path:
 
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), jaxlib.__version__, _cpu_id()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "native"
-    return cache / f"native_conv-{key.hexdigest()[:16]}.so"
+    return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(path: Path) -> None:
