@@ -285,3 +285,37 @@ def test_flops_count_the_cpu_kernels_convolutions():
         assert 0.85 * 3 * 2 * macs < compiled_flops(step(), state, x) < 3 * 2 * macs  # 9x9 SAME: (25/27)^2 = 0.857
     finally:
         cpu_kernels.enable(True)
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction sets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE (4)
+def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
+    """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
+    process, the build's flags patched), convolutions and the max pool still equal lax's."""
+    import subprocess
+    import sys
+
+    code = f"""
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from models import cpu_kernels, layers
+cpu_kernels._flags = lambda: ["-O2", "-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+assert cpu_kernels.available()
+x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
+for c_out, k, stride in [(24, 3, 1), (40, 3, 2), (16, 5, 1)]:
+    fast, plain = (nnx.Conv(20, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
+                   for f in (layers.cpu_conv, jax.lax.conv_general_dilated))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    (gf, xf), (gp, xp) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
+    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
+    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
+np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
+print("same")
+"""
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip().endswith("same"), done.stderr[-2000:]
+    assert list((tmp_path / "archlab" / "native").glob("cpu_kernels-*.so"))
