@@ -301,9 +301,9 @@ from flax import nnx
 from models import cpu_kernels, layers
 cpu_kernels._flags = lambda: ["-O2", "-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
 assert cpu_kernels.available()
-x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
-for c_out, k, stride in [(24, 3, 1), (40, 3, 2), (16, 5, 1)]:
-    fast, plain = (nnx.Conv(20, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
+for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (6, 16, 5, 1), (3, 32, 3, 1)]:
+    x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))
+    fast, plain = (nnx.Conv(c_in, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
                    for f in (layers.cpu_conv, jax.lax.conv_general_dilated))
     loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
     (gf, xf), (gp, xp) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
@@ -311,6 +311,7 @@ for c_out, k, stride in [(24, 3, 1), (40, 3, 2), (16, 5, 1)]:
     np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
+x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
 np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
 print("same")
 """
