@@ -526,35 +526,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabMaxPoolGrad, MaxPoolGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("k"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+// The three convolutions' signature: two fp32 operands, one fp32 result, strides and top/left padding.
+static auto conv_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("sh")
+      .Attr<int64_t>("sw")
+      .Attr<int64_t>("pt")
+      .Attr<int64_t>("pl");
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvInputGrad, ConvInputGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvForward, ConvForward, conv_binding());
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvWeightGrad, ConvWeightGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("sh")
-                                  .Attr<int64_t>("sw")
-                                  .Attr<int64_t>("pt")
-                                  .Attr<int64_t>("pl"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvInputGrad, ConvInputGrad, conv_binding());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabConvWeightGrad, ConvWeightGrad, conv_binding());

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,10 @@ def _conv(name: str, shape: tuple[int, ...], *args: jax.Array, strides, padding)
                             vmap_method="sequential")(*args, **attrs)
 
 
-def conv_output_shape(x_shape, w_shape, strides, padding) -> tuple[int, int, int, int]:
-    (pt, pb), (pl, pr) = padding
-    ho = (x_shape[1] + pt + pb - w_shape[0]) // strides[0] + 1
-    wo = (x_shape[2] + pl + pr - w_shape[1]) // strides[1] + 1
-    return x_shape[0], ho, wo, w_shape[3]
-
-
 def conv_forward(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
     """y = conv(x, w): x (N, H, W, C), w (kh, kw, C, D), padding ((pt, pb), (pl, pr))."""
-    return _conv("forward", conv_output_shape(x.shape, w.shape, strides, padding), x, w, strides=strides,
-                 padding=padding)
+    shape = lax.conv_general_shape_tuple(x.shape, w.shape, strides, padding, ("NHWC", "HWIO", "NHWC"))
+    return _conv("forward", tuple(map(int, shape)), x, w, strides=strides, padding=padding)
 
 
 def conv_input_grad(dy: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
