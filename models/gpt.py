@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, KVCache, MultiHeadAttention, check_remat, layer_stack, num_stacked, run_stack
+from models.layers import (FeedForward, KVCache, MultiHeadAttention, check_remat, cpu_dot, layer_stack, num_stacked,
+                           run_stack)
 
 _embed_init = nnx.initializers.normal(stddev=0.02)  # GPT-2's embedding initialisation
 
@@ -61,7 +62,7 @@ class GPT(nnx.Module):
                                   scan=scan_layers)
         self.ln_f = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         self.unembed = None if tie_embeddings else nnx.Linear(
-            d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
+            d_model, vocab_size, use_bias=False, dtype=dtype, dot_general=cpu_dot, rngs=rngs,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")))
 
     def init_cache(self, batch_size: int, max_len: int) -> list[KVCache] | KVCache:

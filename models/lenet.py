@@ -5,8 +5,8 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from models.layers import cpu_conv, max_pool
-from models.mlp import MLP, activation_fn
+from models.layers import activation_fn, cpu_conv, max_pool
+from models.mlp import MLP
 
 
 class LeNet(nnx.Module):

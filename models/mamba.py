@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import check_remat, layer_stack, num_stacked, run_stack
+from models.layers import check_remat, cpu_dot, layer_stack, num_stacked, run_stack
 from models.pallas_scan import scan_pallas
 from models.sequential_scan import scan_sequential
 
@@ -169,7 +169,8 @@ class MambaBlock(nnx.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank is None else dt_rank
         self.selective, self.scan, self.chunk_size = selective, scan, chunk_size
         self.dtype = jnp.dtype(dtype)
-        linear = functools.partial(nnx.Linear, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32, rngs=rngs)
+        linear = functools.partial(nnx.Linear, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                                   dot_general=cpu_dot, rngs=rngs)
 
         self.in_proj = linear(d_model, 2 * self.d_inner,
                               kernel_init=nnx.with_partitioning(_torch_linear_init(), ("embed", "mlp")))
@@ -187,6 +188,7 @@ class MambaBlock(nnx.Module):
                 bias_init=nnx.with_partitioning(lambda *_: dt_bias, ("mlp",)),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
+                dot_general=cpu_dot,
                 rngs=rngs,
             )
         else:

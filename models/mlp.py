@@ -1,22 +1,11 @@
 """MLP: a stack of linear layers; every layer but the output one is a hidden layer."""
 
 from collections.abc import Sequence
-from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-# "gelu" is the tanh approximation (GPT-2's gelu_new); "gelu_exact" the erf form (BERT, HF and timm ViT).
-ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "gelu_exact": partial(jax.nn.gelu, approximate=False),
-               "tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "silu": jax.nn.silu}
-
-
-def activation_fn(name: str):
-    """The activation called `name`, or a one-line error listing the valid names."""
-    if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not known (valid: {', '.join(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
+from models.layers import activation_fn, cpu_dot
 
 
 class MLP(nnx.Module):
@@ -33,10 +22,10 @@ class MLP(nnx.Module):
         widths = [in_features, *hidden]
         kernel_init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "mlp"))
         self.hidden = nnx.List([
-            nnx.Linear(w_in, w_out, kernel_init=kernel_init, dtype=dtype, rngs=rngs)
+            nnx.Linear(w_in, w_out, kernel_init=kernel_init, dtype=dtype, dot_general=cpu_dot, rngs=rngs)
             for w_in, w_out in zip(widths[:-1], widths[1:])
         ])
-        self.out = nnx.Linear(widths[-1], out_features, dtype=dtype, rngs=rngs)
+        self.out = nnx.Linear(widths[-1], out_features, dtype=dtype, dot_general=cpu_dot, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0], -1)  # (B, ...) -> (B, in_features)

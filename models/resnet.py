@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import cpu_conv
+from models.layers import cpu_conv, cpu_dot
 
 # He et al. initialise convolutions with N(0, 2 / fan_out) (torchvision: kaiming_normal_, mode="fan_out").
 conv_init = nnx.with_partitioning(
@@ -151,7 +151,7 @@ class ResNet(nnx.Module):
         self.stages = nnx.List(stages)
         self.head = nnx.Linear(
             c_in, num_classes, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("conv_out", None)),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            dtype=dtype, param_dtype=jnp.float32, dot_general=cpu_dot, rngs=rngs,
         )
 
     def features(self, x: jax.Array) -> jax.Array:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, check_remat, layer_stack, patch_embedding, run_stack
+from models.layers import FeedForward, check_remat, cpu_dot, layer_stack, patch_embedding, run_stack
 from models.mamba import MambaBlock
 
 
@@ -106,7 +106,8 @@ class Simba(nnx.Module):
             num_layers, rngs, scan=scan_layers)
         self.norm = nnx.LayerNorm(d_model, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
-            nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, dot_general=cpu_dot,
+            rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         """images (B, H, W, C) -> logits (B, num_classes)."""

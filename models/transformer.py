@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.layers import FeedForward, KVCache, MultiHeadAttention, check_remat, layer_stack, num_stacked, run_stack
+from models.layers import (FeedForward, KVCache, MultiHeadAttention, check_remat, cpu_dot, layer_stack, num_stacked,
+                           run_stack)
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -112,7 +113,7 @@ class Transformer(nnx.Module):
         self.src_embed = embed(vocab_size)
         self.tgt_embed = None if share_embeddings else embed(vocab_size)
         self.unembed = None if share_embeddings else nnx.Linear(
-            d_model, vocab_size, use_bias=False, dtype=dtype, rngs=rngs,
+            d_model, vocab_size, use_bias=False, dtype=dtype, dot_general=cpu_dot, rngs=rngs,
             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")))
         if positions == "learned":
             pos_init = nnx.with_partitioning(nnx.initializers.normal(stddev=0.02), (None, "embed"))

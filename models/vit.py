@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import FeedForward, MultiHeadAttention, check_remat, layer_stack, patch_embedding, run_stack
+from models.layers import FeedForward, MultiHeadAttention, check_remat, cpu_dot, layer_stack, patch_embedding, run_stack
 
 
 class EncoderBlock(nnx.Module):
@@ -69,7 +69,8 @@ class ViT(nnx.Module):
         self.norm = nnx.LayerNorm(d_model, epsilon=norm_eps, dtype=dtype, rngs=rngs)
         # big_vision initialises the head to zero: every class starts equally likely.
         self.head = nnx.Linear(d_model, num_classes, kernel_init=nnx.with_partitioning(
-            nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            nnx.initializers.zeros_init(), ("embed", None)), dtype=dtype, param_dtype=jnp.float32, dot_general=cpu_dot,
+            rngs=rngs)
 
     def features(self, images: jax.Array) -> jax.Array:
         """The final normalised token states: (B, H, W, C) -> (B, 1 + N, D), [CLS] first."""

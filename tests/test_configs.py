@@ -111,13 +111,13 @@ def test_a_runtime_autotune_that_is_not_true_false_or_auto_is_a_one_line_error()
 
 
 def test_small_kernel_models_split_the_cpu_into_two_devices_and_an_explicit_count_wins():
-    """vit_tiny, the Transformer, Mamba and Simba select runtime cpu_devices=2: two XLA CPU devices, the batch
-    split over them by the mesh's data axis, each device's Eigen kernels single-threaded."""
-    for overrides in (["model=vit_tiny"], ["model=transformer", "data=numbers_en_fr"], ["model=mamba", "data=bytes"],
-                      ["model=simba"]):
+    """The Transformer, Mamba and Simba select runtime cpu_devices=2: two XLA CPU devices, the batch split over
+    them by the mesh's data axis, each device's Eigen kernels single-threaded."""
+    for overrides in (["model=transformer", "data=numbers_en_fr"], ["model=mamba", "data=bytes"], ["model=simba"],
+                      ["model=vit_tiny", "runtime=data_parallel"]):
         assert compose(overrides).runtime.cpu_devices == 2, overrides
     for overrides in (["model=gpt", "data=bytes"], ["model=lenet"], ["model=resnet20"], ["model=mlp"],
-                      ["model=vit_tiny", "runtime=default"]):
+                      ["model=vit_tiny"], ["model=simba", "runtime=default"]):
         assert compose(overrides).runtime.cpu_devices == 1, overrides
     assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off  # ssm keeps its own switch
 
@@ -138,7 +138,7 @@ def test_a_cpu_device_count_that_is_not_a_positive_integer_is_a_one_line_error()
 
 
 def test_a_batch_the_split_cpu_cannot_divide_names_the_runtime_switch():
-    proc = run_cli(["model=vit_tiny", "trainer.batch_size=7"], check=False, timeout=120)
+    proc = run_cli(["model=simba", "trainer.batch_size=7"], check=False, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: trainer.batch_size=7 is not divisible by the 2 data-parallel devices (mesh "
                                    "data x fsdp = 2 x 1); use a multiple of 2, or runtime.cpu_devices=1 (this config "
@@ -153,6 +153,6 @@ def test_a_cpu_split_that_came_too_late_is_said_in_the_log(tmp_path, caplog):
 
     assert jax.local_device_count() == 1
     with caplog.at_level("WARNING", logger="train.loop"):
-        setup(compose(["model=vit_tiny", "model.depth=1"]), tmp_path)
+        setup(compose(["model=vit_tiny", "model.depth=1", "runtime=data_parallel"]), tmp_path)
     assert ("runtime.cpu_devices=2 did not apply: JAX had started with 1 CPU device(s) (XLA_FLAGS, or an earlier job "
             "of this process: a sweep's jobs share the first one's)") in caplog.messages

@@ -230,6 +230,48 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
         assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
 
 
+@pytest.mark.parametrize("shape, d_out, bias", [
+    ((128, 40), 24, True),       # an MLP's batch: 8 kernel chunks of 16 rows; widths that are not whole vectors
+    ((4, 17, 64), 64, False),    # 68 rows: no 8-64 chunks of 16 or more -> lax's gradient
+    ((8, 64, 48), 96, True),     # a GPT's (B, T, D): 512 rows, 16 chunks of 32
+    ((2, 3, 5, 16), 7, True),    # 30 rows: no even split -> lax's gradient
+])
+def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv_kernels):
+    def model(dot_fn) -> nnx.Linear:
+        return nnx.Linear(shape[-1], d_out, use_bias=bias, dot_general=dot_fn, rngs=nnx.Rngs(0))
+
+    x = jax.random.normal(jax.random.key(1), shape)
+    fast, plain = model(layers.cpu_dot), model(jax.lax.dot_general)
+    np.testing.assert_array_equal(fast(x), plain(x))  # the forward is lax's dot either way
+
+    def loss(m: nnx.Linear, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.sin(m(x)))
+
+    (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
+    np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=2e-5)
+    rows = int(np.prod(shape[:-1]))
+    kernel = conv_kernels == "native" and layers._rows_per_chunk(rows) is not None
+    backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
+    assert ("archlab_conv_weight_grad" in backward) == kernel
+    if kernel:  # the same bits every time, however the threads split the rows
+        grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
+        np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
+
+
+def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax():
+    x, w = jnp.ones((256, 16)), jnp.ones((16, 8))
+    dot = lambda *a, **k: str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.cpu_dot(x, w, *a, **k)),
+                                                       argnums=1))(x, w))
+    assert "archlab_conv_weight_grad" in dot((((1,), (0,)), ((), ())))
+    assert "archlab_conv_weight_grad" not in dot((((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    bf16 = jax.grad(lambda w: jnp.sum(layers.cpu_dot(x.astype(jnp.bfloat16), w, (((1,), (0,)), ((), ())))))
+    assert bf16(w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+    assert "archlab" not in str(jax.make_jaxpr(bf16)(w.astype(jnp.bfloat16)))
+    xt = jnp.ones((16, 256))  # contracting x's first axis: lax
+    assert jnp.allclose(layers.cpu_dot(xt, w, (((0,), (0,)), ((), ()))), xt.T @ w)
+
+
 def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
     cpu_kernels.build(tmp_path / "conv.so")
     assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
@@ -285,6 +327,17 @@ def test_flops_count_the_cpu_kernels_convolutions():
         assert 0.85 * 3 * 2 * macs < compiled_flops(step(), state, x) < 3 * 2 * macs  # 9x9 SAME: (25/27)^2 = 0.857
     finally:
         cpu_kernels.enable(True)
+
+
+def test_flops_count_the_cpu_dot_weight_gradient():
+    from train.flops import compiled_flops
+
+    linear = nnx.Linear(40, 24, use_bias=False, dot_general=layers.cpu_dot, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(linear)
+    step = lambda: jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x))), argnums=(0, 1))
+    x = jax.ShapeDtypeStruct((128, 40), jnp.float32)
+    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(step())(state, x))
+    assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * 128 * 40 * 24, rel=0.01)
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction sets")
