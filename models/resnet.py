@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import cpu_conv, cpu_dot
+from models.layers import BatchNorm, cpu_conv, cpu_dot
 
 # He et al. initialise convolutions with N(0, 2 / fan_out) (torchvision: kaiming_normal_, mode="fan_out").
 conv_init = nnx.with_partitioning(
@@ -28,9 +28,9 @@ def conv(c_in: int, c_out: int, k: int, stride: int, dtype: str, rngs: nnx.Rngs)
     )
 
 
-def batch_norm(c: int, dtype: str, rngs: nnx.Rngs) -> nnx.BatchNorm:
+def batch_norm(c: int, dtype: str, rngs: nnx.Rngs) -> BatchNorm:
     """BatchNorm with torchvision's defaults (momentum 0.1 there is 0.9 here: the weight on the old average)."""
-    return nnx.BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    return BatchNorm(c, momentum=0.9, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 class Shortcut(nnx.Module):

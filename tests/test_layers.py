@@ -272,6 +272,31 @@ def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax():
     assert jnp.allclose(layers.cpu_dot(xt, w, (((0,), (0,)), ((), ()))), xt.T @ w)
 
 
+@pytest.mark.parametrize("shape", [(8, 5, 5, 12), (64, 3)])
+def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(shape):
+    x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
+    weights = jax.random.normal(jax.random.key(1), shape)
+    norms = []
+    for cls in (layers.BatchNorm, nnx.BatchNorm):
+        bn = cls(shape[-1], momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+        bn.scale[...] = jnp.linspace(0.5, 2, shape[-1])
+        bn.bias[...] = jnp.linspace(-1, 1, shape[-1])
+        grads = nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x)) * weights), argnums=(0, 1))(bn, x)
+        norms.append((bn, bn(x), grads))
+    (fast, y_fast, (gm_fast, gx_fast)), (plain, y_plain, (gm_plain, gx_plain)) = norms
+    graphdef, state = nnx.split(fast)
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
+    np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-4, atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(gm_fast[name][...], gm_plain[name][...], rtol=1e-4, atol=1e-4)
+    for name in ("mean", "var"):  # two updates each (grad, then the call)
+        np.testing.assert_allclose(getattr(fast, name)[...], getattr(plain, name)[...], rtol=1e-5, atol=1e-6)
+    fast.use_running_average = plain.use_running_average = True
+    np.testing.assert_array_equal(fast(x), plain(x))  # eval mode: nnx's own path
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda v: fast(v))(x))
+
+
 def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
     cpu_kernels.build(tmp_path / "conv.so")
     assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
