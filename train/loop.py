@@ -249,14 +249,23 @@ def make_train_step(exp: Experiment, *, flat: bool = False) -> Callable:
             (grads, sums, model_state), _ = jax.lax.scan(body, (zeros, zero_sums, state["model_state"]), micro)
         grads = jax.tree.map(lambda g: g / jnp.maximum(sums["count"], 1.0), grads)  # grad of the mean loss
         grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "model_state": model_state, "opt_state": opt_state}
         # A non-finite loss or gradient never reaches the state: the step is skipped, and counted so that
-        # trainer.nan_policy=stop can end the run with its step number and the last checkpoint intact.
+        # trainer.nan_policy=stop can end the run with its step number and the last checkpoint intact. A
+        # conditional, not a select of new against old: the update then runs in place, once (a select made
+        # XLA compute it beside the old state and copy: AdamW over GPT d 384's 10.8M parameters 35 -> 7 ms).
         finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
-        new_state["step"] = state["step"] + 1
+
+        def update(params, opt_state, old_model_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, model_state
+
+        def skip(params, opt_state, old_model_state):
+            return params, opt_state, old_model_state
+
+        new_params, opt_state, model_state = jax.lax.cond(finite, update, skip, params, state["opt_state"],
+                                                          state["model_state"])
+        new_state = {"step": state["step"] + 1, "params": new_params, "model_state": model_state,
+                     "opt_state": opt_state}
         return new_state, sums | {"grad_norm": jnp.where(finite, grad_norm, 0.0),
                                   "nonfinite": (~finite).astype(jnp.float32),
                                   "first_nonfinite": jnp.where(finite, big, state["step"] + 1)}
