@@ -289,11 +289,12 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
 
 
 def _rows_per_chunk(rows: int) -> int | None:
-    """The weight-gradient kernel splits its work by 'image': x's rows cut into 8-64 chunks of at least 16 rows,
-    an even share for each thread; None if the rows do not divide so (lax's gradient then)."""
-    for chunks in (16, 32, 8, 64):
-        if rows % chunks == 0 and rows // chunks >= 16:
-            return rows // chunks
+    """The weight-gradient kernel takes x's rows as 'images', each summed into a thread's partial dW: the most rows
+    per image up to 128 (fewer images, less partial-sum traffic; beyond 128 a wide dy falls out of cache), at least
+    two images for the two threads and 16 rows each; None where no such split exists (lax's gradient then)."""
+    for size in range(min(128, rows // 2), 15, -1):
+        if rows % size == 0:
+            return size
     return None
 
 

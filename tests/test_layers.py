@@ -231,10 +231,11 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
 
 
 @pytest.mark.parametrize("shape, d_out, bias", [
-    ((128, 40), 24, True),       # an MLP's batch: 8 kernel chunks of 16 rows; widths that are not whole vectors
-    ((4, 17, 64), 64, False),    # 68 rows: no 8-64 chunks of 16 or more -> lax's gradient
-    ((8, 64, 48), 96, True),     # a GPT's (B, T, D): 512 rows, 16 chunks of 32
-    ((2, 3, 5, 16), 7, True),    # 30 rows: no even split -> lax's gradient
+    ((128, 40), 24, True),       # an MLP's batch: 2 kernel chunks of 64 rows; widths that are not whole vectors
+    ((4, 17, 64), 64, False),    # 68 rows: 2 chunks of 34
+    ((8, 64, 48), 96, True),     # a GPT's (B, T, D): 512 rows, 4 chunks of 128
+    ((2, 3, 5, 16), 7, True),    # 30 rows: no chunks of 16 or more -> lax's gradient
+    ((31, 40), 8, False),        # a prime count -> lax's gradient
 ])
 def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv_kernels):
     def model(dot_fn) -> nnx.Linear:
