@@ -377,7 +377,10 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   int nc = group(co);
   int64_t block = kAccumulators / nc;  // dw rows per block, each nc accumulator vectors
   int64_t workers = num_workers(pool, n);
-  std::vector<float> partial(workers * size, 0.0f);  // one dw (rows of cv) per chunk of images, summed at the end
+  // One dw (rows of cv) per chunk of images, summed at the end; kept by the calling thread between calls, so that
+  // a dense layer's megabytes of partial sums are not allocated (and faulted in) every step.
+  thread_local std::vector<float> partial;
+  if (partial.size() < (size_t)(workers * size)) partial.resize(workers * size);
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
   float* part = partial.data();
@@ -387,6 +390,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
     thread_local Scratch scratch;
     thread_local std::vector<float> dy_wide;
     float* acc = part + chunk * size;
+    std::fill(acc, acc + size, 0.0f);
     for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
       const float* xb = xp + b * h * wi * c;
       const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
@@ -400,12 +404,15 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
     }
   });
   float* out = dw->typed_data();
-  for (int64_t r = 0; r < kh * run; ++r)
-    for (int64_t o = 0; o < co; ++o) {
-      float v = 0.0f;
-      for (int64_t s = 0; s < workers; ++s) v += part[s * size + r * cv + o];
-      out[r * co + o] = v;
-    }
+  int64_t total = kh * run;
+  parallel_for(pool, workers, workers, [=](int64_t w, int64_t) {  // the rows of dw split over the threads
+    for (int64_t r = w * total / workers; r < (w + 1) * total / workers; ++r)
+      for (int64_t o = 0; o < co; ++o) {
+        float v = part[r * cv + o];
+        for (int64_t s = 1; s < workers; ++s) v += part[s * size + r * cv + o];
+        out[r * co + o] = v;
+      }
+  });
   return ffi::Error::Success();
 }
 

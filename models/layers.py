@@ -282,17 +282,18 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
             and not any(batch) and preferred_element_type is None and out_sharding is None
-            and _rows_per_chunk(lhs.size // lhs.shape[-1]) and cpu_kernels_apply(lhs, rhs)):
+            and _rows_per_chunk(lhs.size // lhs.shape[-1], rhs.shape[1]) and cpu_kernels_apply(lhs, rhs)):
         return _kernel_dot(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, out_sharding=out_sharding)
 
 
-def _rows_per_chunk(rows: int) -> int | None:
+def _rows_per_chunk(rows: int, width: int) -> int | None:
     """The weight-gradient kernel takes x's rows as 'images', each summed into a thread's partial dW: the most rows
-    per image up to 128 (fewer images, less partial-sum traffic; beyond 128 a wide dy falls out of cache), at least
-    two images for the two threads and 16 rows each; None where no such split exists (lax's gradient then)."""
-    for size in range(min(128, rows // 2), 15, -1):
+    per image (fewer images, less partial-sum traffic) while an image's dy, `width` floats a row, stays within
+    512 KB of cache, at most 128; at least two images for the two threads, of 16 rows or more; None where no such
+    split exists (lax's gradient then)."""
+    for size in range(min(128, 131072 // width, rows // 2), 15, -1):
         if rows % size == 0:
             return size
     return None
@@ -309,7 +310,8 @@ def _kernel_dot_fwd(x, w):
 
 def _kernel_dot_bwd(residuals, dy):
     x, w = residuals
-    (k, n), r = w.shape, _rows_per_chunk(x.size // x.shape[-1])
+    k, n = w.shape
+    r = _rows_per_chunk(x.size // k, n)
     dw = cpu_kernels.conv_weight_grad(x.reshape(-1, r, 1, k), dy.reshape(-1, r, 1, n), (1, 1, k, n), (1, 1),
                                       ((0, 0), (0, 0)))
     return dy @ w.T, dw.reshape(k, n)

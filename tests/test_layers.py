@@ -252,7 +252,7 @@ def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=2e-5)
     rows = int(np.prod(shape[:-1]))
-    kernel = conv_kernels == "native" and layers._rows_per_chunk(rows) is not None
+    kernel = conv_kernels == "native" and layers._rows_per_chunk(rows, d_out) is not None
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     assert ("archlab_conv_weight_grad" in backward) == kernel
     if kernel:  # the same bits every time, however the threads split the rows
