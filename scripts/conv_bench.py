@@ -1,8 +1,9 @@
-"""Per-op convolution times: XLA's (`lax.conv_general_dilated`), archlab's CPU kernels (models/cpu_kernels.py) and
-PyTorch's (oneDNN, channels-last), forward, input gradient and weight gradient, each jitted (or eager) alone;
-archlab's through `layers.cpu_conv`, as LeNet and ResNet call them.
+"""Per-op convolution and dense-layer times: XLA's (`lax.conv_general_dilated`, `lax.dot_general`), archlab's CPU
+kernels (models/cpu_kernels.py) and PyTorch's (oneDNN, channels-last; `torch.mm`), forward, input gradient and weight
+gradient, each jitted (or eager) alone; archlab's through `layers.cpu_conv` and `layers.cpu_dot`, as the models call
+them (a dense layer's forward and input gradient are XLA's dots either way; its weight gradient is the kernel's).
 
-    python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, 3 rounds
+    python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, dense layers, 3 rounds
     python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
 
 The three libraries take turns within every round (best of 10 calls per turn), so that this VM's drift hits all
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
-from models.layers import cpu_conv  # noqa: E402
+from models.layers import cpu_conv, cpu_dot  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
@@ -38,6 +39,10 @@ OPS = ("forward", "input_grad", "weight_grad")
 LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
           ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
           ("lenet conv2", 12, 6, 16, 5, 1, 0), ("lenet conv1", 28, 1, 6, 5, 1, 0)]
+# (name, rows of x = batch x positions, in features, out features): the bench suite's steps, whatever --batch says
+DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), ("gpt d384 attention projection",
+          2048, 384, 384), ("vit_tiny qkv projection", 2176, 64, 64), ("vit_tiny fc1", 2176, 64, 128),
+         ("mlp hidden 1", 128, 784, 256)]
 
 
 def best_ms(fn, calls: int = 10) -> float:
@@ -58,6 +63,14 @@ def jax_ops(conv, x, w, dy) -> dict:
     return {"forward": lambda: fwd(x, w).block_until_ready(),
             "input_grad": lambda: dx(x, w, dy).block_until_ready(),
             "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
+
+
+def torch_dense_ops(x, w, dy) -> dict:
+    import torch
+
+    xt, wt, dyt = (torch.from_numpy(np.asarray(a)) for a in (x, w, dy))
+    with torch.no_grad():
+        return {"forward": lambda: xt @ wt, "input_grad": lambda: dyt @ wt.T, "weight_grad": lambda: xt.T @ dyt}
 
 
 def torch_ops(x, w, dy, stride: int, pad: int) -> dict:
@@ -90,17 +103,26 @@ def main(argv: list[str] | None = None) -> dict:
                          "compiler or set CXX")
     libraries = ["xla", "archlab"] + (["pytorch"] if importlib.util.find_spec("torch") else [])
     rows = []
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
+    cases = []
     for name, size, c_in, c_out, k, stride, pad in LAYERS:
-        rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.standard_normal((args.batch, size, size, c_in), dtype=np.float32))
-        w = jnp.asarray(rng.standard_normal((k, k, c_in, c_out), dtype=np.float32))
+        x, w = normal(args.batch, size, size, c_in), normal(k, k, c_in, c_out)
         padding = ((pad, pad), (pad, pad))
-        xla = lambda x, w: lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=NHWC)
-        dy = jnp.asarray(rng.standard_normal(xla(x, w).shape, dtype=np.float32))
-        kernels = lambda x, w: cpu_conv(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+        xla = lambda x, w, s=stride, p=padding: lax.conv_general_dilated(x, w, (s, s), p, dimension_numbers=NHWC)
+        dy = normal(*xla(x, w).shape)
+        kernels = lambda x, w, s=stride, p=padding: cpu_conv(x, w, (s, s), p, dimension_numbers=NHWC)
+        torch_fns = (lambda x=x, w=w, dy=dy, s=stride, p=pad: torch_ops(x, w, dy, s, p))
+        cases.append((name, [args.batch, size, size, c_in, c_out, k, stride, pad], xla, kernels, x, w, dy, torch_fns))
+    for name, n, k, m in DENSE:
+        x, w, dy = normal(n, k), normal(k, m), normal(n, m)
+        dims = (((1,), (0,)), ((), ()))
+        cases.append((name, [n, k, m], lambda x, w: lax.dot_general(x, w, dims),
+                      lambda x, w: cpu_dot(x, w, dims), x, w, dy, lambda x=x, w=w, dy=dy: torch_dense_ops(x, w, dy)))
+    for name, shape, xla, kernels, x, w, dy, torch_fns in cases:
         ops = {"xla": jax_ops(xla, x, w, dy), "archlab": jax_ops(kernels, x, w, dy)}
         if "pytorch" in libraries:
-            ops["pytorch"] = torch_ops(x, w, dy, stride, pad)
+            ops["pytorch"] = torch_fns()
         times = {lib: {op: [] for op in OPS} for lib in libraries}
         for fns in ops.values():
             for fn in fns.values():
@@ -109,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
             for lib in (libraries if r % 2 == 0 else libraries[::-1]):
                 for op in OPS:
                     times[lib][op].append(best_ms(ops[lib][op]))
-        row = {"layer": name, "shape": [args.batch, size, size, c_in, c_out, k, stride, pad],
+        row = {"layer": name, "shape": shape,
                **{lib: {op: statistics.median(times[lib][op]) for op in OPS} for lib in libraries}}
         rows.append(row)
         print(name, " | ".join(f"{lib} " + " / ".join(f"{row[lib][op]:.2f}" for op in OPS) for lib in libraries),

@@ -14,7 +14,8 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
                            str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert [r["layer"] for r in result["rows"]][:2] == ["resnet20 stage 1", "resnet20 stage 2"]
+    layers = [r["layer"] for r in result["rows"]]
+    assert layers[:2] == ["resnet20 stage 1", "resnet20 stage 2"] and "gpt d384 fc1" in layers
     for row in result["rows"]:
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "input_grad", "weight_grad")), (row, lib)
