@@ -220,6 +220,57 @@ class FeedForward(nnx.Module):
         return self.dropout(self.fc2(self.act(self.fc1(x))))
 
 
+class BatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` whose training-mode normalisation over the last axis has a hand-written gradient
+    (`batch_norm`): XLA's derivative of nnx's materialises x - mean and two more activation-sized buffers per
+    layer; this one reads x and dy once for the statistics and once for the gradient."""
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None) -> jax.Array:
+        running = self.use_running_average if use_running_average is None else use_running_average
+        if (running or mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
+                or self.scale is None or self.bias is None or x.dtype != jnp.float32):
+            return super().__call__(x, use_running_average, mask=mask)
+        y, mean, var = batch_norm(x, self.scale[...], self.bias[...], self.epsilon)
+        self.mean[...] = lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
+        self.var[...] = lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
+        return y
+
+
+def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    return mean, jnp.maximum(jnp.mean(x * x, axes) - mean * mean, 0.0)  # nnx's fast variance
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    """(x - mean) / sqrt(var + eps) * scale + bias over all but the last axis, and the batch's mean and var."""
+    return _batch_norm_fwd(x, scale, bias, eps)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, eps):
+    mean, var = _batch_stats(x)
+    inv = lax.rsqrt(var + eps)
+    a = scale * inv
+    return (x * a + (bias - mean * a), mean, var), (x, mean, inv, scale)
+
+
+def _batch_norm_bwd(eps, residuals, cotangents):
+    x, mean, inv, scale = residuals
+    dy = cotangents[0]  # mean and var feed only the running averages, under stop_gradient
+    axes = tuple(range(x.ndim - 1))
+    n = x.size // x.shape[-1]
+    sum_dy, sum_dy_x = jnp.sum(dy, axes), jnp.sum(dy * x, axes)
+    dscale = (sum_dy_x - mean * sum_dy) * inv  # sum of dy * xhat
+    a = scale * inv
+    c1 = -a * inv * dscale / n
+    c2 = -a * sum_dy / n - c1 * mean
+    return dy * a + x * c1 + c2, dscale, sum_dy
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
 def patch_embedding(model: str, image_size: int, patch_size: int, in_channels: int, d_model: int, *,
                     dtype: str, rngs: nnx.Rngs) -> nnx.Conv:
     """A P x P convolution with stride P (a linear map of each flattened patch); checks P divides the image."""
@@ -305,7 +356,7 @@ def _kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _kernel_dot_fwd(x, w):
-    return x @ w, (x, w)
+    return _kernel_dot(x, w), (x, w)
 
 
 def _kernel_dot_bwd(residuals, dy):
@@ -318,59 +369,6 @@ def _kernel_dot_bwd(residuals, dy):
 
 
 _kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
-
-
-class BatchNorm(nnx.BatchNorm):
-    """`nnx.BatchNorm` whose training-mode normalisation over the last axis has a hand-written gradient
-    (`batch_norm`): XLA's derivative of nnx's materialises x - mean and two more activation-sized buffers per
-    layer; this one reads x and dy once for the statistics and once for the gradient."""
-
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *, mask=None) -> jax.Array:
-        running = self.use_running_average if use_running_average is None else use_running_average
-        if (running or mask is not None or self.axis_name is not None or self.axis not in (-1, x.ndim - 1)
-                or self.scale is None or self.bias is None or x.dtype != jnp.float32):
-            return super().__call__(x, use_running_average, mask=mask)
-        y, mean, var = batch_norm(x, self.scale[...], self.bias[...], self.epsilon)
-        self.mean[...] = lax.stop_gradient(self.momentum * self.mean[...] + (1 - self.momentum) * mean)
-        self.var[...] = lax.stop_gradient(self.momentum * self.var[...] + (1 - self.momentum) * var)
-        return y
-
-
-def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    axes = tuple(range(x.ndim - 1))
-    mean = jnp.mean(x, axes)
-    return mean, jnp.maximum(jnp.mean(x * x, axes) - mean * mean, 0.0)  # nnx's fast variance
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
-    """(x - mean) / sqrt(var + eps) * scale + bias over all but the last axis, and the batch's mean and var."""
-    mean, var = _batch_stats(x)
-    a = scale * lax.rsqrt(var + eps)
-    return x * a + (bias - mean * a), mean, var
-
-
-def _batch_norm_fwd(x, scale, bias, eps):
-    mean, var = _batch_stats(x)
-    inv = lax.rsqrt(var + eps)
-    a = scale * inv
-    return (x * a + (bias - mean * a), mean, var), (x, mean, inv, scale)
-
-
-def _batch_norm_bwd(eps, residuals, cotangents):
-    x, mean, inv, scale = residuals
-    dy = cotangents[0]  # mean and var feed only the running averages, under stop_gradient
-    axes = tuple(range(x.ndim - 1))
-    n = x.size // x.shape[-1]
-    sum_dy, sum_dy_x = jnp.sum(dy, axes), jnp.sum(dy * x, axes)
-    dscale = (sum_dy_x - mean * sum_dy) * inv  # sum of dy * xhat
-    a = scale * inv
-    c1 = -a * inv * dscale / n
-    c2 = -a * sum_dy / n - c1 * mean
-    return dy * a + x * c1 + c2, dscale, sum_dy
-
-
-batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 FEW_CHANNELS = 8  # cpu_conv: convolutions of at most this many input channels take its few-channel paths
