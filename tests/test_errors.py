@@ -92,3 +92,32 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 ])
 def test_model_options_a_model_does_not_have(tmp_path, args, expected):
     assert expected in one_line_error([*args, f"hydra.run.dir={tmp_path}"])
+
+
+def test_a_non_finite_step_leaves_the_state_as_it_was(tmp_path):
+    """The skipped step (trainer.nan_policy): parameters, optimizer moments and BatchNorm statistics stay the old
+    ones, the step counter moves on; a finite step changes all three."""
+    import jax.numpy as jnp
+
+    from train import mesh as mesh_lib
+    from train.config import compose
+    from train.loop import make_train_step, setup
+
+    exp = setup(compose(["model=resnet20", "model.stage_sizes=[1,1,1]", "trainer.batch_size=16",
+                         "optim.warmup_steps=0"]), tmp_path)  # warmup would start at lr 0: no change to see
+    state = jax.jit(exp.init, out_shardings=exp.shardings)()
+    old = jax.tree.map(np.asarray, state)
+    batch = exp.dataset.train_batch(0, 16)
+    step = make_train_step(exp)
+    bad = dict(batch, image=np.full_like(batch["image"], np.nan))
+    skipped, sums = step(state, mesh_lib.global_batch(bad, exp.mesh))
+    assert float(sums["nonfinite"]) == 1.0 and int(skipped["step"]) == int(old["step"]) + 1
+    for part in ("params", "opt_state", "model_state"):
+        jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, skipped[part]), old[part])
+    taken, sums = step(skipped, mesh_lib.global_batch(batch, exp.mesh))
+    assert float(sums["nonfinite"]) == 0.0
+    for part in ("params", "opt_state", "model_state"):
+        changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, taken[part])),
+                                                            jax.tree.leaves(old[part]))]
+        assert any(changed), part
+    assert all(jnp.isfinite(x).all() for x in jax.tree.leaves(taken["params"]))
