@@ -1,8 +1,9 @@
 // Direct NHWC fp32 convolutions and max pooling for XLA's CPU backend, called through XLA's FFI
-// (models/cpu_kernels.py builds and registers them). XLA's CPU convolutions (Eigen) run ResNet-20's 3x3 layers at
-// a third to a half of the machine's FMA rate and their weight gradients at a quarter; these loops keep one
-// image's tile in cache and a block of output pixels (or of the weight gradient's rows) in vector registers,
-// 16 channels to a vector (AVX-512 on x86; the compiler splits the vectors elsewhere).
+// (models/cpu_kernels.py builds and registers them; layers.cpu_dot also runs dense layers' weight gradients
+// through the convolution weight gradient, as 1x1 convolutions). XLA's CPU convolutions (Eigen) run ResNet-20's
+// 3x3 layers at a third to a half of the machine's FMA rate and their weight gradients at a quarter; these loops
+// keep one image's tile in cache and a block of output pixels (or of the weight gradient's rows) in vector
+// registers, kLanes channels to a vector (16 with AVX-512, 8 with AVX2, 4 with NEON or SSE; below).
 //
 // Layouts as lax.conv_general_dilated with ("NHWC", "HWIO", "NHWC"); strides (sh, sw); the top and left padding
 // (pt, pl), the bottom and right following from the output's shape. Images are split over XLA's intra-op threads.
