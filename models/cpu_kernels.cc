@@ -7,35 +7,7 @@
 //
 // Layouts as lax.conv_general_dilated with ("NHWC", "HWIO", "NHWC"); strides (sh, sw); the top and left padding
 // (pt, pl), the bottom and right following from the output's shape. Images are split over XLA's intra-op threads.
-#include <algorithm>
-#include <array>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
-
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
-
-// The machine's vector of floats, and how many of them the blocks below keep as accumulators: the rest of the
-// vector registers hold weights and inputs (a block that does not fit its registers runs 10x slower).
-#if defined(__AVX512F__)
-constexpr int kLanes = 16, kRegisters = 32, kAccumulators = 16;
-#elif defined(__AVX__)
-constexpr int kLanes = 8, kRegisters = 16, kAccumulators = 12;
-#elif defined(__aarch64__)
-constexpr int kLanes = 4, kRegisters = 32, kAccumulators = 16;  // NEON
-#else
-constexpr int kLanes = 4, kRegisters = 16, kAccumulators = 12;  // SSE
-#endif
-typedef float vec __attribute__((vector_size(4 * kLanes), aligned(4)));  // unaligned access
+#include "cpu_kernels.h"
 
 // Channels are processed a vector at a time, two where they divide into pairs of vectors; a count that is not a
 // whole number of vectors is widened with zeros in packed copies of the weights (or of dy) and stored through a
@@ -47,18 +19,6 @@ static int lanes(int64_t d, int64_t o, int nc) {
 }
 static int pixels(int64_t d) { return kAccumulators / group(d); }  // output pixels per forward block
 
-static inline void store(float* p, vec v, int n) {
-  if (n == kLanes) {
-    *(vec*)p = v;
-    return;
-  }
-#ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
-#else
-  for (int l = 0; l < n; ++l) p[l] = v[l];
-#endif
-}
-
 // rows x d values, as rows x widen(d) with zeros after each row's d (src itself if d needs no widening).
 static const float* widened(const float* src, int64_t rows, int64_t d, std::vector<float>& out) {
   int64_t dv = widen(d);
@@ -66,34 +26,6 @@ static const float* widened(const float* src, int64_t rows, int64_t d, std::vect
   out.assign(rows * dv, 0.0f);
   for (int64_t r = 0; r < rows; ++r) std::memcpy(&out[r * dv], src + r * d, d * sizeof(float));
   return out.data();
-}
-
-// Runs f(i, slot) for i in [0, count) on the caller and up to workers - 1 of XLA's intra-op threads; slot < workers
-// names the participant. Late tasks find no work left; the shared state outlives the call for them.
-template <class F>
-static void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t workers, F f) {
-  struct State {
-    std::atomic<int64_t> next{0}, active{0}, slots{0};
-    int64_t count;
-    F f;
-    State(int64_t c, F fn) : count(c), f(std::move(fn)) {}
-    void run() {
-      active.fetch_add(1);
-      if (next.load() < count) {
-        int64_t slot = slots.fetch_add(1);
-        for (int64_t i; (i = next.fetch_add(1)) < count;) f(i, slot);
-      }
-      active.fetch_sub(1);
-    }
-  };
-  auto s = std::make_shared<State>(count, std::move(f));
-  for (int64_t t = 1; t < workers; ++t) pool.Schedule([s] { s->run(); });
-  s->run();
-  while (s->active.load() != 0) std::this_thread::yield();
-}
-
-static int64_t num_workers(ffi::ThreadPool& pool, int64_t count) {
-  return std::max<int64_t>(1, std::min<int64_t>(count, pool.num_threads()));
 }
 
 // A thread's buffer for one zero-padded image; its zeros are written once per geometry, not once per image.

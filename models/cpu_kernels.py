@@ -1,11 +1,12 @@
-"""NHWC fp32 convolutions and max pooling for the CPU (models/cpu_kernels.cc), called from jitted code through
-XLA's FFI.
+"""NHWC fp32 convolutions and max pooling (models/cpu_kernels.cc) and attention (models/cpu_attention.cc) for the
+CPU, called from jitted code through XLA's FFI.
 
 XLA's CPU convolutions (Eigen) were ResNet-20's and LeNet's bottleneck, and LeNet's max-pool gradient (YNNPACK's
 tie count) its largest kernel; these run a 3x3 layer's forward, input gradient and weight gradient 2-5x faster
-(README, Performance). The C++ file is compiled for this machine (`-march=native`) the first time it is needed,
-into ~/.cache/archlab/native, keyed by the source, the compiler flags, jaxlib's version and the CPU; with no C++
-compiler, or `runtime.cpu_kernels=false`, `layers.cpu_conv` and `layers.max_pool` compute with XLA alone.
+(README, Performance); attention's batched products and separate softmax passes run fused, 1.8-2.2x. The C++
+files are compiled for this machine (`-march=native`) the first time they are needed, into
+~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's version and the CPU; with no C++
+compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py compute with XLA alone.
 """
 
 import hashlib
@@ -26,10 +27,11 @@ from jax import lax
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc")]
 TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_grad": "ArchlabConvInputGrad",
            "archlab_conv_weight_grad": "ArchlabConvWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
-           "archlab_max_pool_grad": "ArchlabMaxPoolGrad"}
+           "archlab_max_pool_grad": "ArchlabMaxPoolGrad", "archlab_attention": "ArchlabAttention",
+           "archlab_attention_grad": "ArchlabAttentionGrad"}
 
 _enabled = True
 _loaded: bool | None = None  # None: not tried yet
@@ -37,7 +39,7 @@ _lock = threading.Lock()
 
 
 def enable(on: bool) -> None:
-    """`runtime.cpu_kernels`: whether `layers.cpu_conv` and `layers.max_pool` may use these kernels."""
+    """`runtime.cpu_kernels`: whether the helpers in models/layers.py may use these kernels."""
     global _enabled
     _enabled = on
 
@@ -62,13 +64,14 @@ def library_path() -> Path:
     """Where this machine's build of the kernels lives (built if missing)."""
     import jaxlib
 
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *_flags(), jaxlib.__version__, _cpu_id()]).encode())
+    texts = [f.read_text() for f in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, *_flags(), jaxlib.__version__, _cpu_id()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "native"
     return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
 def build(path: Path) -> None:
-    """Compile SOURCE into `path`, through a temporary file renamed into place (processes may race to build)."""
+    """Compile SOURCES into `path`, through a temporary file renamed into place (processes may race to build)."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
@@ -76,7 +79,8 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+        sources = [str(f) for f in SOURCES if f.suffix == ".cc"]
+        cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), *sources, "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -132,9 +136,14 @@ def conv_weight_grad(x: jax.Array, dy: jax.Array, w_shape, strides, padding) -> 
     return _conv("weight_grad", tuple(w_shape), x, dy, strides=strides, padding=padding)
 
 
-def conv_flops(target: str, in_shapes, out_shapes) -> float:
-    """FLOPs of one call of a convolution kernel (2 per multiply-add), which XLA's cost analysis, blind to custom
-    calls, leaves out (train/flops.py adds them)."""
+def kernel_flops(target: str, in_shapes, out_shapes, attributes: dict) -> float:
+    """FLOPs of one call of a convolution or attention kernel (2 per multiply-add), which XLA's cost analysis,
+    blind to custom calls, leaves out (train/flops.py adds them). Attention counts the products a causal mask
+    leaves (half) and not the backward's recomputed logits, as model FLOPs do."""
+    if target.startswith("archlab_attention"):
+        (b, t, h, dh), s = in_shapes[0], in_shapes[1][1]
+        products = 2 if target == "archlab_attention" else 4  # q k^T, p v; and dp, dq, dk, dv
+        return products * 2.0 * b * h * t * s * dh / (2 if attributes.get("causal") else 1)
     if not target.startswith("archlab_conv_"):
         return 0.0
     if target == "archlab_conv_weight_grad":
@@ -160,3 +169,20 @@ def max_pool_grad(dy: jax.Array, where: jax.Array, x_shape, window: int) -> jax.
     """dL/dx: each tile's dL/dy to the first position of its maximum, zero elsewhere."""
     return jax.ffi.ffi_call("archlab_max_pool_grad", jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
                             vmap_method="sequential")(dy, where, k=np.int64(window))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> tuple[jax.Array, jax.Array]:
+    """softmax(q k^T / sqrt(Dh)) v for q (B, T, H, Dh), k and v (B, S, H, Dh), and the log-sum-exp of each query's
+    logits (B, H, T), which the backward pass recomputes the probabilities from."""
+    b, t, h, _ = q.shape
+    return jax.ffi.ffi_call("archlab_attention", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
+                            vmap_method="sequential")(q, k, v, causal=np.int64(causal))
+
+
+def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, dout: jax.Array,
+                   causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq, dk, dv) of `attention` from its inputs, output, log-sum-exp and the output's cotangent."""
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
+    return jax.ffi.ffi_call("archlab_attention_grad", shapes, vmap_method="sequential")(
+        q, k, v, out, lse, dout, causal=np.int64(causal))

@@ -1,4 +1,5 @@
-"""Multi-head attention (self, causal, cross, cached), its kernel choice, and the feed-forward block."""
+"""Multi-head attention (self, causal, cross, cached), its kernel choice, and the feed-forward block; the CPU
+helpers' kernels (convolutions, pooling, dense weight gradients, attention)."""
 
 import logging
 
@@ -86,8 +87,54 @@ def test_attention_kernel_choice(backend, dtype, masked, seq_len, kernel):
     (True, 256, "einsum"),    # an explicit mask besides the causal one
 ])
 def test_causal_attention_on_cpu_takes_query_blocks_from_128_positions(masked, seq_len, kernel):
-    assert attention_kernel(jnp.float32, masked=masked, seq_len=seq_len, backend="cpu", causal=True)[0] == kernel
-    assert attention_kernel(jnp.float32, masked=masked, seq_len=seq_len, backend="gpu", causal=True)[0] != kernel
+    """Without archlab's kernels (`runtime.cpu_kernels=false`, no compiler, several devices)."""
+    choice = lambda backend: attention_kernel(jnp.float32, masked=masked, seq_len=seq_len, backend=backend,
+                                              causal=True, cpu_kernels_on=False)[0]
+    assert choice("cpu") == kernel and choice("gpu") != kernel
+
+
+@pytest.mark.parametrize("dtype, masked, causal, head_dim, key_len, on, kernel", [
+    (jnp.float32, False, True, 64, None, True, "cpu_fused"),     # GPT
+    (jnp.float32, False, False, 16, 17, True, "cpu_fused"),      # ViT-tiny
+    (jnp.float32, False, False, 32, 50, True, "cpu_fused"),      # unmasked cross-attention
+    (jnp.float32, False, True, 64, 50, True, "einsum"),          # causal needs as many keys as queries
+    (jnp.float32, True, False, 64, None, True, "einsum"),        # an explicit mask
+    (jnp.float32, False, False, 24, None, True, "einsum"),       # heads not whole vectors
+    (jnp.bfloat16, False, False, 64, None, True, "einsum"),
+    (jnp.float32, False, True, 64, None, False, "einsum"),       # kernels off (256 positions: blocked below)
+])
+def test_fused_cpu_attention_choice(dtype, masked, causal, head_dim, key_len, on, kernel):
+    got = attention_kernel(dtype, masked=masked, seq_len=60, backend="cpu", causal=causal, head_dim=head_dim,
+                           key_len=key_len, cpu_kernels_on=on)[0]
+    assert got == kernel
+
+
+@pytest.mark.parametrize("batch, t, s, heads, head_dim, causal", [
+    (2, 256, 256, 3, 64, True),    # 4 query blocks of 64; GPT's head size
+    (3, 100, 100, 2, 32, True),    # a partial query block, keys that are not whole vectors
+    (5, 17, 17, 4, 16, False),     # ViT-tiny: 16 patches and the CLS token
+    (2, 37, 50, 2, 16, False),     # more keys than queries
+])
+def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, heads, head_dim, causal, conv_kernels):
+    q, dy = (jax.random.normal(jax.random.key(i), (batch, t, heads, head_dim)) for i in (0, 1))
+    k, v = (jax.random.normal(jax.random.key(i), (batch, s, heads, head_dim)) for i in (2, 3))
+    mask = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
+    loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * dy)
+    fused = jax.jit(jax.value_and_grad(loss(partial_attention(causal)), argnums=(0, 1, 2)))
+    plain = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))
+    for got, want in zip(jax.tree.leaves(fused(q, k, v)), jax.tree.leaves(plain(q, k, v))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    jaxpr = str(jax.make_jaxpr(fused)(q, k, v))
+    assert ("archlab_attention_grad" in jaxpr) == (conv_kernels == "native")
+    if causal and conv_kernels == "native":  # the future never leaks: the last key and value reach only the last query
+        y = partial_attention(causal)(q, k, v)
+        y2 = partial_attention(causal)(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
+        np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
+        assert not np.allclose(y[:, -1], y2[:, -1])
+
+
+def partial_attention(causal: bool):
+    return lambda q, k, v: dot_product_attention(q, k, v, causal=causal)
 
 
 def test_blocked_causal_attention_matches_the_masked_product_values_and_gradients():
@@ -366,11 +413,24 @@ def test_flops_count_the_cpu_dot_weight_gradient():
     assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * 128 * 40 * 24, rel=0.01)
 
 
+def test_flops_count_the_fused_attention():
+    """Model FLOPs: q k^T and p v forward, four products backward (not the recomputed logits), half of each
+    under a causal mask."""
+    from train.flops import compiled_flops
+
+    q = jax.ShapeDtypeStruct((2, 128, 2, 32), jnp.float32)
+    for causal in (False, True):
+        step = jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, causal=causal)), argnums=(0, 1, 2))
+        assert "archlab_attention_grad" in str(jax.make_jaxpr(step)(q, q, q))
+        products = 6 * 2 * 2 * 2 * 128 * 128 * 32 / (2 if causal else 1)
+        assert compiled_flops(step, q, q, q) == pytest.approx(products, rel=0.01)
+
+
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction sets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE (4)
 def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
     """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
-    process, the build's flags patched), convolutions and the max pool still equal lax's."""
+    process, the build's flags patched), convolutions, the max pool and attention still equal lax's."""
     import subprocess
     import sys
 
@@ -392,6 +452,14 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
 x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
 np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
+for t, causal in [(70, True), (17, False)]:
+    q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, 2, 16)) for i in range(4))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None
+    loss = lambda attend: jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2))(q, k, v)
+    fused = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, causal=causal))
+    assert "archlab_attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q))(q))
+    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(loss(lambda *a: layers.einsum_attention(*a, mask)))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 print("same")
 """
     env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}

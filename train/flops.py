@@ -3,7 +3,7 @@
 XLA's cost analysis counts a loop's body once whatever its trip count: a Mamba scan over 128 tokens counts as one
 token, scanned layers as one layer, gradient accumulation as one micro-batch. `compiled_flops` adds the missing
 iterations of every `lax.scan` in the function's jaxpr, each body's cost again from XLA's cost analysis, and the
-convolutions of archlab's CPU kernels (models/cpu_kernels.py), custom calls whose cost XLA cannot see.
+convolutions and attention of archlab's CPU kernels (models/cpu_kernels.py), custom calls whose cost XLA cannot see.
 """
 
 from typing import Any, Callable
@@ -34,8 +34,8 @@ def loop_flops(jaxpr: core.Jaxpr, cache: dict) -> float:
     extra = 0.0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "ffi_call":
-            extra += cpu_kernels.conv_flops(eqn.params["target_name"], [v.aval.shape for v in eqn.invars],
-                                            [v.aval.shape for v in eqn.outvars])
+            extra += cpu_kernels.kernel_flops(eqn.params["target_name"], [v.aval.shape for v in eqn.invars],
+                                              [v.aval.shape for v in eqn.outvars], dict(eqn.params["attributes"]))
         elif eqn.primitive.name == "scan":
             body, n, unroll = eqn.params["jaxpr"], eqn.params["length"], eqn.params["unroll"]
             counted = n if unroll is True else min(max(int(unroll), 1), n)  # XLA's body holds `unroll` iterations

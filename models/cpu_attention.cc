@@ -1,0 +1,275 @@
+// Fused fp32 attention for XLA's CPU backend, softmax(q k^T / sqrt(Dh)) v with no mask or a causal one, forward
+// and backward, called through XLA's FFI (models/cpu_kernels.py builds and registers it; layers.dot_product_attention
+// picks it). XLA runs attention as batched dot products over (T, S) logits, the softmax between them as separate
+// passes, and the causal mask as a select over the full square (or, blocked, as einsums over query blocks with pads);
+// here one (batch, head) at a time stays in cache: a block of queries' logits, their softmax and their product with
+// the values in one pass, no logits above the diagonal computed, and the backward recomputes the probabilities from
+// the forward's log-sum-exp (as FlashAttention-2), so that nothing of size T x S is stored between the passes.
+//
+// Layouts: q (B, T, H, Dh), k and v (B, S, H, Dh), o as q, lse (B, H, T); causal needs T == S.
+#include <cmath>
+#include <utility>
+
+#include "cpu_kernels.h"
+
+namespace {
+
+constexpr int kCols = 4;                                 // vectors per register block
+constexpr int kRows = (kRegisters - kCols - 2) / kCols;  // and rows: 6 with AVX-512's 32 registers, 2 with AVX2's 16
+constexpr int64_t kQueryBlock = 64;                      // queries whose logits are held at once
+
+int64_t widen(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// c[r, 0:kLanes*NC] (= or +=) sum over d in [lo, hi) of a[r*ar + d*ad] * b[d*ldb, 0:kLanes*NC], for r < R: R x NC
+// accumulators in registers, each b vector loaded once for R rows.
+template <int R, int NC>
+void block(const float* a, int64_t ar, int64_t ad, const float* b, int64_t ldb, int64_t lo, int64_t hi, float* c,
+           int64_t ldc, bool add) {
+  vec acc[R][NC] = {};
+  for (int64_t d = lo; d < hi; ++d) {
+    vec bv[NC];
+    for (int m = 0; m < NC; ++m) bv[m] = *(const vec*)(b + d * ldb + kLanes * m);
+    for (int r = 0; r < R; ++r) {
+      float av = a[r * ar + d * ad];
+      for (int m = 0; m < NC; ++m) acc[r][m] += av * bv[m];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < NC; ++m) {
+      vec* p = (vec*)(c + r * ldc + kLanes * m);
+      *p = add ? *p + acc[r][m] : acc[r][m];
+    }
+}
+
+template <int R>
+void block_cols(int nc, const float* a, int64_t ar, int64_t ad, const float* b, int64_t ldb, int64_t lo, int64_t hi,
+                float* c, int64_t ldc, bool add) {
+  switch (nc) {
+    case 1: return block<R, 1>(a, ar, ad, b, ldb, lo, hi, c, ldc, add);
+    case 2: return block<R, 2>(a, ar, ad, b, ldb, lo, hi, c, ldc, add);
+    case 3: return block<R, 3>(a, ar, ad, b, ldb, lo, hi, c, ldc, add);
+    default: return block<R, kCols>(a, ar, ad, b, ldb, lo, hi, c, ldc, add);
+  }
+}
+
+template <int... Rs>
+void dispatch(std::integer_sequence<int, Rs...>, int nr, int nc, const float* a, int64_t ar, int64_t ad,
+              const float* b, int64_t ldb, int64_t lo, int64_t hi, float* c, int64_t ldc, bool add) {
+  ((nr == Rs + 1 ? block_cols<Rs + 1>(nc, a, ar, ad, b, ldb, lo, hi, c, ldc, add) : void()), ...);
+}
+
+// Which entries of a product a causal mask leaves: rows are queries and columns keys (kColumns: the logits q k^T,
+// columns past a row's diagonal skipped a block at a time), the contraction runs over keys (kKeys: p v and ds k,
+// stopping at the block's last diagonal key), or rows are keys and the contraction runs over queries (kQueries:
+// ds^T q and p^T do, starting at the block's first diagonal query). `diag` is the first row's query index minus
+// the first key's.
+enum Causal { kNone, kColumns, kKeys, kQueries };
+
+// c (rows x cols, cols a multiple of kLanes) (= or +=) a b, a's (row, d) at a[row*ar + d*ad], b rows of ldb, d < n.
+void matmul(const float* a, int64_t ar, int64_t ad, int64_t rows, const float* b, int64_t ldb, int64_t cols,
+            int64_t n, float* c, int64_t ldc, bool add, Causal causal = kNone, int64_t diag = 0) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kLanes * kCols) {
+    int nc = (int)std::min<int64_t>(kCols, (cols - c0) / kLanes);
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      int nr = (int)std::min<int64_t>(kRows, rows - r0);
+      int64_t lo = 0, hi = n;
+      if (causal == kColumns && c0 > diag + r0 + nr - 1) continue;
+      if (causal == kKeys) hi = std::min(n, diag + r0 + nr);
+      if (causal == kQueries) lo = std::max<int64_t>(0, r0 - diag);
+      if (lo >= hi) {  // nothing but masked entries: c's block is zero
+        if (!add)
+          for (int r = 0; r < nr; ++r) std::memset(c + (r0 + r) * ldc + c0, 0, kLanes * nc * sizeof(float));
+        continue;
+      }
+      dispatch(std::make_integer_sequence<int, kRows>(), nr, nc, a + r0 * ar, ar, ad, b + c0, ldb, lo, hi,
+               c + r0 * ldc + c0, ldc, add);
+    }
+  }
+}
+
+// e^x for x <= 0 (as the softmax's shifted logits are): Cephes' expf, a degree-6 polynomial on
+// x - n ln 2, times 2^n; x below -87 gives 2^-126 rather than 0.
+inline vec exp_neg(vec x) {
+  const vec lo = vec{} - 87.0f;
+  x = x < lo ? lo : x;
+  vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));
+  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * (vec)bits;
+}
+
+vec iota() {
+  vec v;
+  for (int l = 0; l < kLanes; ++l) v[l] = (float)l;
+  return v;
+}
+
+// p[0:width] = e^(s * scale - shift) for the first n logits, 0 after; returns their sum.
+float exp_row(float* p, const float* s, int64_t n, int64_t width, float scale, float shift) {
+  vec sum = {}, zero = {}, lane = iota();
+  for (int64_t j = 0; j < width; j += kLanes) {
+    vec e = exp_neg(*(const vec*)(s + j) * scale - shift);
+    e = lane + (float)j < (float)n ? e : zero;
+    *(vec*)(p + j) = e;
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += sum[l];
+  return total;
+}
+
+float max_row(const float* s, int64_t n) {
+  float m = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+// One (batch, head)'s keys or values, transposed into dst (Dh x sp), zero past the s-th key.
+void transpose(const float* x, int64_t ld, int64_t s, int64_t sp, int64_t dh, float* dst) {
+  for (int64_t d = 0; d < dh; ++d) {
+    float* row = dst + d * sp;
+    for (int64_t j = 0; j < s; ++j) row[j] = x[j * ld + d];
+    for (int64_t j = s; j < sp; ++j) row[j] = 0.0f;
+  }
+}
+
+struct Shape {
+  int64_t b, t, s, h, dh;
+  bool causal;
+  int64_t ld() const { return h * dh; }  // a row's stride in (B, T, H, Dh)
+  int64_t keys(int64_t i0, int64_t rows) const { return causal ? std::min(i0 + rows, s) : s; }
+  int64_t visible(int64_t i) const { return causal ? std::min(i + 1, s) : s; }
+};
+
+Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, bool causal) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  return {qd[0], qd[1], kd[1], qd[2], qd[3], causal};
+}
+
+ffi::Error check(const Shape& x) {
+  if (x.dh % kLanes) return ffi::Error::InvalidArgument("attention: the head size must be a multiple of the vector");
+  if (x.causal && x.t != x.s) return ffi::Error::InvalidArgument("attention: causal needs as many keys as queries");
+  return ffi::Error::Success();
+}
+
+struct Scratch {
+  std::vector<float> kt, vt, s, dp, delta;
+};
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, int64_t causal) {
+  Shape x = shape_of(q, k, causal);
+  if (auto err = check(x); err.failure()) return err;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *op = o->typed_data(), *lp = lse->typed_data();
+  const int64_t ld = x.ld(), sp = widen(x.s), tasks = x.b * x.h;
+  const float scale = 1.0f / std::sqrt((float)x.dh);
+  parallel_for(pool, tasks, num_workers(pool, tasks), [=](int64_t task, int64_t) {
+    thread_local Scratch w;
+    w.kt.resize(x.dh * sp);
+    w.s.resize(kQueryBlock * sp);
+    const int64_t b = task / x.h, h = task % x.h;
+    const float *qb = qp + (b * x.t * x.h + h) * x.dh, *vb = vp + (b * x.s * x.h + h) * x.dh;
+    float *ob = op + (b * x.t * x.h + h) * x.dh, *lb = lp + task * x.t;
+    transpose(kp + (b * x.s * x.h + h) * x.dh, ld, x.s, sp, x.dh, w.kt.data());
+    for (int64_t i0 = 0; i0 < x.t; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, x.t - i0), keys = x.keys(i0, rows), width = widen(keys);
+      float* s = w.s.data();
+      matmul(qb + i0 * ld, ld, 1, rows, w.kt.data(), sp, width, x.dh, s, sp, false, x.causal ? kColumns : kNone, i0);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = s + r * sp;
+        const int64_t n = x.visible(i0 + r);
+        const float m = max_row(row, n) * scale, l = exp_row(row, row, n, width, scale, m);
+        for (int64_t j = 0; j < width; ++j) row[j] /= l;
+        lb[i0 + r] = m + std::log(l);
+      }
+      matmul(s, sp, 1, rows, vb, ld, x.dh, keys, ob + i0 * ld, ld, false, x.causal ? kKeys : kNone, i0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    int64_t causal) {
+  Shape x = shape_of(q, k, causal);
+  if (auto err = check(x); err.failure()) return err;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = o.typed_data();
+  const float *lp = lse.typed_data(), *gp = dout.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  const int64_t ld = x.ld(), sp = widen(x.s), tasks = x.b * x.h;
+  const float scale = 1.0f / std::sqrt((float)x.dh);
+  parallel_for(pool, tasks, num_workers(pool, tasks), [=](int64_t task, int64_t) {
+    thread_local Scratch w;
+    w.kt.resize(x.dh * sp);
+    w.vt.resize(x.dh * sp);
+    w.s.resize(kQueryBlock * sp);
+    w.dp.resize(kQueryBlock * sp);
+    w.delta.resize(kQueryBlock);
+    const int64_t b = task / x.h, h = task % x.h, qoff = (b * x.t * x.h + h) * x.dh, koff = (b * x.s * x.h + h) * x.dh;
+    const float *qb = qp + qoff, *kb = kp + koff, *ob = op + qoff, *gb = gp + qoff, *lb = lp + task * x.t;
+    float *dqb = dqp + qoff, *dkb = dkp + koff, *dvb = dvp + koff;
+    transpose(kb, ld, x.s, sp, x.dh, w.kt.data());
+    transpose(vp + koff, ld, x.s, sp, x.dh, w.vt.data());
+    for (int64_t j = 0; j < x.s; ++j) {
+      std::memset(dkb + j * ld, 0, x.dh * sizeof(float));
+      std::memset(dvb + j * ld, 0, x.dh * sizeof(float));
+    }
+    for (int64_t i0 = 0; i0 < x.t; i0 += kQueryBlock) {
+      const int64_t rows = std::min(kQueryBlock, x.t - i0), keys = x.keys(i0, rows), width = widen(keys);
+      float *s = w.s.data(), *dp = w.dp.data();
+      const Causal columns = x.causal ? kColumns : kNone;
+      matmul(qb + i0 * ld, ld, 1, rows, w.kt.data(), sp, width, x.dh, s, sp, false, columns, i0);
+      matmul(gb + i0 * ld, ld, 1, rows, w.vt.data(), sp, width, x.dh, dp, sp, false, columns, i0);
+      for (int64_t r = 0; r < rows; ++r) {  // p from the forward's log-sum-exp; ds = p (dp - rowsum(do o)) scale
+        const int64_t i = i0 + r, n = x.visible(i);
+        float* row = s + r * sp;
+        exp_row(row, row, n, width, scale, lb[i]);
+        float delta = 0.0f;
+        for (int64_t d = 0; d < x.dh; ++d) delta += gb[i * ld + d] * ob[i * ld + d];
+        float* drow = dp + r * sp;
+        for (int64_t j = 0; j < n; ++j) drow[j] = row[j] * (drow[j] - delta) * scale;
+        std::fill(drow + n, drow + width, 0.0f);
+      }
+      matmul(dp, sp, 1, rows, kb, ld, x.dh, keys, dqb + i0 * ld, ld, false, x.causal ? kKeys : kNone, i0);
+      const Causal queries = x.causal ? kQueries : kNone;
+      matmul(dp, 1, sp, keys, qb + i0 * ld, ld, x.dh, rows, dkb, ld, true, queries, i0);
+      matmul(s, 1, sp, keys, gb + i0 * ld, ld, x.dh, rows, dvb, ld, true, queries, i0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabAttention, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabAttentionGrad, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("causal"));

@@ -1,0 +1,74 @@
+// What archlab's CPU kernels (cpu_kernels.cc, cpu_attention.cc) share: the machine's vector of floats, a masked
+// store, and a parallel loop over XLA's intra-op threads.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+// The machine's vector of floats, and how many of them the blocks below keep as accumulators: the rest of the
+// vector registers hold weights and inputs (a block that does not fit its registers runs 10x slower).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32, kAccumulators = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16, kAccumulators = 12;
+#elif defined(__aarch64__)
+constexpr int kLanes = 4, kRegisters = 32, kAccumulators = 16;  // NEON
+#else
+constexpr int kLanes = 4, kRegisters = 16, kAccumulators = 12;  // SSE
+#endif
+typedef float vec __attribute__((vector_size(4 * kLanes), aligned(4)));  // unaligned access
+
+// Stores the first n lanes of v at p.
+static inline void store(float* p, vec v, int n) {
+  if (n == kLanes) {
+    *(vec*)p = v;
+    return;
+  }
+#ifdef __AVX512F__
+  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+#else
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
+// Runs f(i, slot) for i in [0, count) on the caller and up to workers - 1 of XLA's intra-op threads; slot < workers
+// names the participant. Late tasks find no work left; the shared state outlives the call for them.
+template <class F>
+static void parallel_for(ffi::ThreadPool& pool, int64_t count, int64_t workers, F f) {
+  struct State {
+    std::atomic<int64_t> next{0}, active{0}, slots{0};
+    int64_t count;
+    F f;
+    State(int64_t c, F fn) : count(c), f(std::move(fn)) {}
+    void run() {
+      active.fetch_add(1);
+      if (next.load() < count) {
+        int64_t slot = slots.fetch_add(1);
+        for (int64_t i; (i = next.fetch_add(1)) < count;) f(i, slot);
+      }
+      active.fetch_sub(1);
+    }
+  };
+  auto s = std::make_shared<State>(count, std::move(f));
+  for (int64_t t = 1; t < workers; ++t) pool.Schedule([s] { s->run(); });
+  s->run();
+  while (s->active.load() != 0) std::this_thread::yield();
+}
+
+static int64_t num_workers(ffi::ThreadPool& pool, int64_t count) {
+  return std::max<int64_t>(1, std::min<int64_t>(count, pool.num_threads()));
+}
