@@ -69,11 +69,14 @@ enum Causal { kNone, kColumns, kKeys, kQueries };
 void matmul(const float* a, int64_t ar, int64_t ad, int64_t rows, const float* b, int64_t ldb, int64_t cols,
             int64_t n, float* c, int64_t ldc, bool add, Causal causal = kNone, int64_t diag = 0) {
   for (int64_t c0 = 0; c0 < cols; c0 += kLanes * kCols) {
-    int nc = (int)std::min<int64_t>(kCols, (cols - c0) / kLanes);
+    const int tile = (int)std::min<int64_t>(kCols, (cols - c0) / kLanes);
     for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      int nr = (int)std::min<int64_t>(kRows, rows - r0);
+      int nr = (int)std::min<int64_t>(kRows, rows - r0), nc = tile;
       int64_t lo = 0, hi = n;
-      if (causal == kColumns && c0 > diag + r0 + nr - 1) continue;
+      if (causal == kColumns) {  // the vectors up to the block's last diagonal key
+        if (c0 > diag + r0 + nr - 1) continue;
+        nc = (int)std::min<int64_t>(nc, (diag + r0 + nr - 1 - c0) / kLanes + 1);
+      }
       if (causal == kKeys) hi = std::min(n, diag + r0 + nr);
       if (causal == kQueries) lo = std::max<int64_t>(0, r0 - diag);
       if (lo >= hi) {  // nothing but masked entries: c's block is zero
