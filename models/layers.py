@@ -158,8 +158,8 @@ def causal_blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 @partial(jax.custom_vjp, nondiff_argnums=(3,))
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> jax.Array:
     """Attention by archlab's CPU kernel: a block of queries' logits, softmax and values product in one pass over
-    one (batch, head) in cache; the backward recomputes the probabilities from the log-sum-exp (GPT d 384
-    forward + backward 1.8x the blocked einsums, ViT-tiny 2.2x; README, Performance)."""
+    one (batch, head) in cache; the backward recomputes the probabilities from the log-sum-exp (forward and
+    backward: GPT d 384 2.0x the blocked einsums, ViT-tiny 2.2x; README, Performance)."""
     return cpu_kernels.attention(q, k, v, causal)[0]
 
 
