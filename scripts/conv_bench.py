@@ -1,7 +1,9 @@
-"""Per-op convolution and dense-layer times: XLA's (`lax.conv_general_dilated`, `lax.dot_general`), archlab's CPU
-kernels (models/cpu_kernels.py) and PyTorch's (oneDNN, channels-last; `torch.mm`), forward, input gradient and weight
-gradient, each jitted (or eager) alone; archlab's through `layers.cpu_conv` and `layers.cpu_dot`, as the models call
-them (a dense layer's forward and input gradient are XLA's dots either way; its weight gradient is the kernel's).
+"""Per-op convolution, dense-layer and attention times: XLA's (`lax.conv_general_dilated`, `lax.dot_general`, the
+einsums or query blocks archlab runs without its kernels), archlab's CPU kernels (models/cpu_kernels.py) and
+PyTorch's (oneDNN, channels-last; `torch.mm`; `F.scaled_dot_product_attention`), each jitted (or eager) alone:
+convolutions and dense layers forward, input gradient and weight gradient; archlab's through `layers.cpu_conv` and
+`layers.cpu_dot`, as the models call them (a dense layer's forward and input gradient are XLA's dots either way;
+its weight gradient is the kernel's); attention forward, and forward and backward together (`layers.fused_attention`).
 
     python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, dense layers, 3 rounds
     python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
@@ -31,10 +33,12 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
-from models.layers import cpu_conv, cpu_dot  # noqa: E402
+from models.layers import (attention_kernel, causal_blocked_attention, cpu_conv, cpu_dot,  # noqa: E402
+                           einsum_attention, fused_attention)
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
+ATTENTION_OPS = ("forward", "forward_backward")
 # (name, height = width, in channels, out channels, kernel, stride, padding)
 LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
           ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
@@ -43,6 +47,9 @@ LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32
 DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), ("gpt d384 attention projection",
           2048, 384, 384), ("vit_tiny qkv projection", 2176, 64, 64), ("vit_tiny fc1", 2176, 64, 128),
          ("mlp hidden 1", 128, 784, 256)]
+# (name, batch, positions, heads, head size, causal): the bench suite's attention layers
+ATTENTION = [("gpt d384 attention", 8, 256, 6, 64, True), ("gpt d128 attention", 12, 64, 4, 32, True),
+             ("vit_tiny attention", 128, 17, 4, 16, False)]
 
 
 def best_ms(fn, calls: int = 10) -> float:
@@ -63,6 +70,54 @@ def jax_ops(conv, x, w, dy) -> dict:
     return {"forward": lambda: fwd(x, w).block_until_ready(),
             "input_grad": lambda: dx(x, w, dy).block_until_ready(),
             "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
+
+
+def xla_attention(q, k, v, causal: bool):
+    """Attention as archlab computes it without its kernels: query blocks or einsums (`layers.attention_kernel`)."""
+    t = q.shape[1]
+    kernel, _ = attention_kernel(q.dtype, masked=False, seq_len=t, backend="cpu", causal=causal, cpu_kernels_on=False)
+    if kernel == "blocked_causal":
+        return causal_blocked_attention(q, k, v)
+    return einsum_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None)
+
+
+def jax_attention_ops(attend, q, k, v, dy) -> dict:
+    fwd = jax.jit(attend)
+    both = jax.jit(lambda q, k, v, dy: jax.vjp(attend, q, k, v)[1](dy))
+    return {"forward": lambda: fwd(q, k, v).block_until_ready(),
+            "forward_backward": lambda: jax.block_until_ready(both(q, k, v, dy))}
+
+
+def torch_attention_ops(q, k, v, dy, causal: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    heads_first = lambda a: torch.from_numpy(np.asarray(a)).transpose(1, 2).contiguous()  # (B, H, T, Dh)
+    qt, kt, vt, dyt = map(heads_first, (q, k, v, dy))
+
+    def forward_backward():
+        leaves = [t.detach().requires_grad_() for t in (qt, kt, vt)]
+        F.scaled_dot_product_attention(*leaves, is_causal=causal).backward(dyt)
+
+    def forward():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    return {"forward": forward, "forward_backward": forward_backward}
+
+
+def timed(ops: dict, names: tuple, rounds: int) -> dict:
+    """{library: {op: median over the rounds of the best of 10}}, the libraries taking turns in each round."""
+    libraries = list(ops)
+    for fns in ops.values():
+        for fn in fns.values():
+            fn()  # compile and warm up
+    times = {lib: {op: [] for op in names} for lib in libraries}
+    for r in range(rounds):
+        for lib in (libraries if r % 2 == 0 else libraries[::-1]):
+            for op in names:
+                times[lib][op].append(best_ms(ops[lib][op]))
+    return {lib: {op: statistics.median(times[lib][op]) for op in names} for lib in libraries}
 
 
 def torch_dense_ops(x, w, dy) -> dict:
@@ -123,22 +178,22 @@ def main(argv: list[str] | None = None) -> dict:
         ops = {"xla": jax_ops(xla, x, w, dy), "archlab": jax_ops(kernels, x, w, dy)}
         if "pytorch" in libraries:
             ops["pytorch"] = torch_fns()
-        times = {lib: {op: [] for op in OPS} for lib in libraries}
-        for fns in ops.values():
-            for fn in fns.values():
-                fn()  # compile and warm up
-        for r in range(args.rounds):
-            for lib in (libraries if r % 2 == 0 else libraries[::-1]):
-                for op in OPS:
-                    times[lib][op].append(best_ms(ops[lib][op]))
-        row = {"layer": name, "shape": shape,
-               **{lib: {op: statistics.median(times[lib][op]) for op in OPS} for lib in libraries}}
-        rows.append(row)
-        print(name, " | ".join(f"{lib} " + " / ".join(f"{row[lib][op]:.2f}" for op in OPS) for lib in libraries),
-              flush=True)
+        rows.append({"layer": name, "shape": shape, **timed(ops, OPS, args.rounds)})
+        print(name, " | ".join(f"{lib} " + " / ".join(f"{rows[-1][lib][op]:.2f}" for op in OPS)
+                               for lib in libraries), flush=True)
+    attention = []
+    for name, b, t, h, dh, causal in ATTENTION:
+        q, k, v, dy = (normal(b, t, h, dh) for _ in range(4))
+        ops = {"xla": jax_attention_ops(lambda q, k, v, c=causal: xla_attention(q, k, v, c), q, k, v, dy),
+               "archlab": jax_attention_ops(lambda q, k, v, c=causal: fused_attention(q, k, v, c), q, k, v, dy)}
+        if "pytorch" in libraries:
+            ops["pytorch"] = torch_attention_ops(q, k, v, dy, causal)
+        attention.append({"layer": name, "shape": [b, t, h, dh, causal], **timed(ops, ATTENTION_OPS, args.rounds)})
+        print(name, " | ".join(f"{lib} " + " / ".join(f"{attention[-1][lib][op]:.2f}" for op in ATTENTION_OPS)
+                               for lib in libraries), flush=True)
     command = " ".join(["python scripts/conv_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
-              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows}
+              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows, "attention": attention}
     out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
     out.with_suffix(".json.partial").replace(out)
     header = "| layer | " + " | ".join(f"{lib} ms (fwd / dx / dW)" for lib in libraries) + " |"
@@ -146,6 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
              "of each library's best of 10 calls", "", header, "|---" * (len(libraries) + 1) + "|"]
     lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in OPS)
                                                       for lib in libraries) + " |" for row in rows]
+    lines += ["", "| attention (batch, positions, heads, head size, causal: the suite's) | "
+              + " | ".join(f"{lib} ms (fwd / fwd + bwd)" for lib in libraries) + " |", "|---" * (len(libraries) + 1) + "|"]
+    lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in ATTENTION_OPS)
+                                                      for lib in libraries) + " |" for row in attention]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

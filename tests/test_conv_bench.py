@@ -1,4 +1,5 @@
-"""scripts/conv_bench.py: runs, writes sane figures for the three libraries, and names bad arguments."""
+"""scripts/conv_bench.py: runs, writes sane figures for the three libraries (convolutions, dense layers,
+attention), and names bad arguments."""
 
 import json
 import subprocess
@@ -19,7 +20,13 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
     for row in result["rows"]:
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "input_grad", "weight_grad")), (row, lib)
-    assert "| resnet20 stage 1 |" in out.with_suffix(".md").read_text()
+    assert [r["layer"] for r in result["attention"]] == ["gpt d384 attention", "gpt d128 attention",
+                                                          "vit_tiny attention"]
+    for row in result["attention"]:
+        for lib in ("xla", "archlab", "pytorch"):
+            assert all(0 < row[lib][op] < 10_000 for op in ("forward", "forward_backward")), (row, lib)
+    markdown = out.with_suffix(".md").read_text()
+    assert "| resnet20 stage 1 |" in markdown and "| gpt d384 attention |" in markdown
 
 
 def test_conv_bench_names_a_bad_batch():

@@ -133,6 +133,26 @@ def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, he
         assert not np.allclose(y[:, -1], y2[:, -1])
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_fused_attention_is_stable_for_large_logits_and_lets_nans_show(causal):
+    """Logits of thousands (a diverging run) give the einsums' softmax, not inf/NaN; a NaN in a query, key or value
+    reaches every output that attends to it and no other (a causal mask keeps it from earlier positions, where the
+    einsums' 0 x NaN leaks it), so that `trainer.nan_policy` sees it."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 70, 2, 16)) for i in range(3))
+    mask = jnp.tril(jnp.ones((70, 70), bool))[None, None] if causal else None
+    fused, plain = partial_attention(causal), lambda q, k, v: layers.einsum_attention(q, k, v, mask)
+    assert "archlab_attention" in str(jax.make_jaxpr(fused)(q, k, v))
+    big = fused(q * 30, k * 30, v)  # logits of a few thousand: fp32 rounds each to ~1e-4, both sum in other orders
+    assert np.isfinite(big).all()
+    np.testing.assert_allclose(big, plain(q * 30, k * 30, v), rtol=1e-3, atol=1e-3)
+    for arg in range(3):  # a NaN at position 30 of example 1's head 0, in q, k or v
+        args = [q, k, v]
+        args[arg] = args[arg].at[1, 30, 0].set(jnp.nan)
+        want = np.zeros((2, 70, 2, 16), bool)
+        want[1, 30 if arg == 0 else slice(30 if causal else 0, None), 0] = True
+        np.testing.assert_array_equal(np.isnan(fused(*args)), want)
+
+
 def partial_attention(causal: bool):
     return lambda q, k, v: dot_product_attention(q, k, v, causal=causal)
 
