@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in OPS)
                                                       for lib in libraries) + " |" for row in rows]
     lines += ["", "| attention (batch, positions, heads, head size, causal: the suite's) | "
-              + " | ".join(f"{lib} ms (fwd / fwd + bwd)" for lib in libraries) + " |", "|---" * (len(libraries) + 1) + "|"]
+              + " | ".join(f"{lib} ms (fwd / fwd + bwd)" for lib in libraries) + " |",
+              "|---" * (len(libraries) + 1) + "|"]
     lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in ATTENTION_OPS)
                                                       for lib in libraries) + " |" for row in attention]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
