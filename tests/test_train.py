@@ -3,6 +3,8 @@
 import json
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from data.digits import Digits
@@ -50,3 +52,17 @@ def test_profile_writes_a_trace_of_the_chosen_steps(cfg_for, tmp_path):
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert records[0]["step"] == 0 and records[0]["train/first_step_seconds"] > 0
     assert all(0 <= r["train/input_wait"] < 1 for r in records if "train/steps_per_sec" in r)
+
+
+def test_step_metrics_travel_as_one_array_and_sum_by_name():
+    """The loop's step returns its metric sums as one array (one transfer per step); a window sums them by name,
+    the first non-finite step as a minimum."""
+    from train.loop import MetricSums, window_sums
+
+    pack = jax.jit(MetricSums.pack)
+    steps = [pack({"loss": jnp.float32(loss), "count": jnp.int32(4), "first_nonfinite": jnp.int32(first)})
+             for loss, first in [(2.5, 9), (1.5, 7), (0.5, 12)]]
+    assert [len(jax.tree.leaves(s)) for s in steps] == [1, 1, 1]
+    assert steps[0].names == ("count", "first_nonfinite", "loss")
+    assert float(steps[1]["loss"]) == 1.5
+    assert window_sums(jax.device_get(steps)) == {"count": 12.0, "first_nonfinite": 7.0, "loss": 4.5}
