@@ -157,6 +157,10 @@ struct Shape {
   int64_t b, t, s, h, dh;
   bool causal;
   int64_t ld() const { return h * dh; }  // a row's stride in (B, T, H, Dh)
+  float scale() const { return 1.0f / std::sqrt((float)dh); }
+  // Where (batch, head) number `task` starts in q (B, T, H, Dh) and in k (B, S, H, Dh).
+  int64_t query_offset(int64_t task) const { return ((task / h) * t * h + task % h) * dh; }
+  int64_t key_offset(int64_t task) const { return ((task / h) * s * h + task % h) * dh; }
   int64_t keys(int64_t i0, int64_t rows) const { return causal ? std::min(i0 + rows, s) : s; }
   int64_t visible(int64_t i) const { return causal ? std::min(i + 1, s) : s; }
 };
@@ -183,16 +187,16 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
   const int64_t ld = x.ld(), sp = widen(x.s), tasks = x.b * x.h;
-  const float scale = 1.0f / std::sqrt((float)x.dh);
+  const float scale = x.scale();
   parallel_for(pool, tasks, num_workers(pool, tasks), [=](int64_t task, int64_t) {
     thread_local Scratch w;
     w.kt.resize(x.dh * sp);
     w.s.resize(kQueryBlock * sp);
     w.inverse_sums.resize(kQueryBlock);
-    const int64_t b = task / x.h, h = task % x.h;
-    const float *qb = qp + (b * x.t * x.h + h) * x.dh, *vb = vp + (b * x.s * x.h + h) * x.dh;
-    float *ob = op + (b * x.t * x.h + h) * x.dh, *lb = lp + task * x.t;
-    transpose(kp + (b * x.s * x.h + h) * x.dh, ld, x.s, sp, x.dh, w.kt.data());
+    const int64_t qoff = x.query_offset(task), koff = x.key_offset(task);
+    const float *qb = qp + qoff, *vb = vp + koff;
+    float *ob = op + qoff, *lb = lp + task * x.t;
+    transpose(kp + koff, ld, x.s, sp, x.dh, w.kt.data());
     for (int64_t i0 = 0; i0 < x.t; i0 += kQueryBlock) {
       const int64_t rows = std::min(kQueryBlock, x.t - i0), keys = x.keys(i0, rows), width = widen(keys);
       float* s = w.s.data();
@@ -223,14 +227,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float *lp = lse.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int64_t ld = x.ld(), sp = widen(x.s), tasks = x.b * x.h;
-  const float scale = 1.0f / std::sqrt((float)x.dh);
+  const float scale = x.scale();
   parallel_for(pool, tasks, num_workers(pool, tasks), [=](int64_t task, int64_t) {
     thread_local Scratch w;
     w.kt.resize(x.dh * sp);
     w.vt.resize(x.dh * sp);
     w.s.resize(kQueryBlock * sp);
     w.dp.resize(kQueryBlock * sp);
-    const int64_t b = task / x.h, h = task % x.h, qoff = (b * x.t * x.h + h) * x.dh, koff = (b * x.s * x.h + h) * x.dh;
+    const int64_t qoff = x.query_offset(task), koff = x.key_offset(task);
     const float *qb = qp + qoff, *kb = kp + koff, *ob = op + qoff, *gb = gp + qoff, *lb = lp + task * x.t;
     float *dqb = dqp + qoff, *dkb = dkp + koff, *dvb = dvp + koff;
     transpose(kb, ld, x.s, sp, x.dh, w.kt.data());

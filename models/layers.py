@@ -71,8 +71,7 @@ def attention_kernel(dtype: jnp.dtype, *, masked: bool, seq_len: int, backend: s
         if seq_len % 128:
             return "xla", f"sequence length {seq_len} is not a multiple of the kernel's 128-blocks"
         return "pallas_flash", "TPU"
-    head_dim = FUSED_HEAD_MULTIPLE if head_dim is None else head_dim
-    if (not masked and jnp.dtype(dtype) == jnp.float32 and head_dim % FUSED_HEAD_MULTIPLE == 0
+    if (not masked and jnp.dtype(dtype) == jnp.float32 and (head_dim is None or head_dim % FUSED_HEAD_MULTIPLE == 0)
             and not (causal and key_len not in (None, seq_len))
             and (cpu_kernels_apply() if cpu_kernels_on is None else cpu_kernels_on)):
         return "cpu_fused", f"{backend}: fp32, archlab's fused kernel"
