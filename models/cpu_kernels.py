@@ -3,7 +3,7 @@ CPU, called from jitted code through XLA's FFI.
 
 XLA's CPU convolutions (Eigen) were ResNet-20's and LeNet's bottleneck, and LeNet's max-pool gradient (YNNPACK's
 tie count) its largest kernel; these run a 3x3 layer's forward, input gradient and weight gradient 2-5x faster
-(README, Performance); attention's batched products and separate softmax passes run fused, 1.4-2.0x. The C++
+(README, Performance); attention's batched products and separate softmax passes run fused, 1.8-2.1x. The C++
 files are compiled for this machine (`-march=native`) the first time they are needed, into
 ~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's version and the CPU; with no C++
 compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py compute with XLA alone.

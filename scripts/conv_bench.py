@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,8 +34,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
-from models.layers import (attention_kernel, causal_blocked_attention, cpu_conv, cpu_dot,  # noqa: E402
-                           einsum_attention, fused_attention)
+from models.layers import cpu_conv, cpu_dot, dot_product_attention  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
@@ -72,18 +72,18 @@ def jax_ops(conv, x, w, dy) -> dict:
             "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
 
 
-def xla_attention(q, k, v, causal: bool):
-    """Attention as archlab computes it without its kernels: query blocks or einsums (`layers.attention_kernel`)."""
-    t = q.shape[1]
-    kernel, _ = attention_kernel(q.dtype, masked=False, seq_len=t, backend="cpu", causal=causal, cpu_kernels_on=False)
-    if kernel == "blocked_causal":
-        return causal_blocked_attention(q, k, v)
-    return einsum_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None)
-
-
-def jax_attention_ops(attend, q, k, v, dy) -> dict:
-    fwd = jax.jit(attend)
-    both = jax.jit(lambda q, k, v, dy: jax.vjp(attend, q, k, v)[1](dy))
+def jax_attention_ops(attend, q, k, v, dy, kernels: bool) -> dict:
+    """forward / forward and backward of `attend(q, k, v)`, compiled now, with archlab's CPU kernels on or off
+    (off: the query blocks or einsums `layers.dot_product_attention` runs without them)."""
+    cpu_kernels.enable(kernels)
+    try:  # new functions to trace: jit would reuse a trace of `attend` made with the kernels switched the other way
+        fwd = jax.jit(lambda q, k, v: attend(q, k, v)).lower(q, k, v).compile()
+        both = jax.jit(lambda q, k, v, dy: jax.vjp(attend, q, k, v)[1](dy)).lower(q, k, v, dy).compile()
+    finally:
+        cpu_kernels.enable(True)
+    if ("archlab_attention" in fwd.as_text()) != kernels:
+        taken = "did not take" if kernels else "took"
+        raise SystemExit(f"error: attention of shape {q.shape} {taken} archlab's kernel")
     return {"forward": lambda: fwd(q, k, v).block_until_ready(),
             "forward_backward": lambda: jax.block_until_ready(both(q, k, v, dy))}
 
@@ -184,8 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     attention = []
     for name, b, t, h, dh, causal in ATTENTION:
         q, k, v, dy = (normal(b, t, h, dh) for _ in range(4))
-        ops = {"xla": jax_attention_ops(lambda q, k, v, c=causal: xla_attention(q, k, v, c), q, k, v, dy),
-               "archlab": jax_attention_ops(lambda q, k, v, c=causal: fused_attention(q, k, v, c), q, k, v, dy)}
+        attend = partial(dot_product_attention, causal=causal)
+        ops = {"xla": jax_attention_ops(attend, q, k, v, dy, kernels=False),
+               "archlab": jax_attention_ops(attend, q, k, v, dy, kernels=True)}
         if "pytorch" in libraries:
             ops["pytorch"] = torch_attention_ops(q, k, v, dy, causal)
         attention.append({"layer": name, "shape": [b, t, h, dh, causal], **timed(ops, ATTENTION_OPS, args.rounds)})
