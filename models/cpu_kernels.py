@@ -27,11 +27,13 @@ from jax import lax
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc", "cpu_norm.cc")]
 TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_grad": "ArchlabConvInputGrad",
-           "archlab_conv_weight_grad": "ArchlabConvWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
+           "archlab_conv_weight_grad": "ArchlabConvWeightGrad",
+           "archlab_dense_weight_grad": "ArchlabDenseWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
            "archlab_max_pool_grad": "ArchlabMaxPoolGrad", "archlab_attention": "ArchlabAttention",
-           "archlab_attention_grad": "ArchlabAttentionGrad"}
+           "archlab_attention_grad": "ArchlabAttentionGrad",
+           "archlab_channel_moments": "ArchlabChannelMoments"}
 
 _enabled = True
 _loaded: bool | None = None  # None: not tried yet
@@ -136,14 +138,25 @@ def conv_weight_grad(x: jax.Array, dy: jax.Array, w_shape, strides, padding) -> 
     return _conv("weight_grad", tuple(w_shape), x, dy, strides=strides, padding=padding)
 
 
+DENSE_WIDTH = 16  # dense_weight_grad takes dy of a multiple of this many columns (a vector on every build)
+
+
+def dense_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
+    """x^T dy for x (M, K) and dy (M, N), N a multiple of 16: a dense layer's weight gradient."""
+    return jax.ffi.ffi_call("archlab_dense_weight_grad", jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32),
+                            vmap_method="sequential")(x, dy)
+
+
 def kernel_flops(target: str, in_shapes, out_shapes, attributes: dict) -> float:
-    """FLOPs of one call of a convolution or attention kernel (2 per multiply-add), which XLA's cost analysis,
+    """FLOPs of one call of a convolution, dense weight-gradient or attention kernel (2 per multiply-add), which XLA's cost analysis,
     blind to custom calls, leaves out (train/flops.py adds them). Attention counts the products a causal mask
     leaves (half) and not the backward's recomputed logits, as model FLOPs do."""
     if target.startswith("archlab_attention"):
         (b, t, h, dh), s = in_shapes[0], in_shapes[1][1]
         products = 2 if target == "archlab_attention" else 4  # q k^T, p v; and dp, dq, dk, dv
         return products * 2.0 * b * h * t * s * dh / (2 if attributes.get("causal") else 1)
+    if target == "archlab_dense_weight_grad":  # x (M, K), dy (M, N)
+        return 2.0 * math.prod(in_shapes[0]) * in_shapes[1][1]
     if not target.startswith("archlab_conv_"):
         return 0.0
     if target == "archlab_conv_weight_grad":
@@ -186,3 +199,10 @@ def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
     return jax.ffi.ffi_call("archlab_attention_grad", shapes, vmap_method="sequential")(
         q, k, v, out, lse, dout, causal=np.int64(causal))
+
+
+def channel_moments(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-channel sum(a) and sum(a * b) over all but the last axis, in one pass: BatchNorm's statistics (a = b =
+    x) and those of its gradient (a = dy, b = x)."""
+    out = jax.ShapeDtypeStruct(a.shape[-1:], jnp.float32)
+    return jax.ffi.ffi_call("archlab_channel_moments", (out, out), vmap_method="sequential")(a, b)
