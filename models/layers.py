@@ -268,9 +268,9 @@ class BatchNorm(nnx.BatchNorm):
         return y
 
 
-def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+def channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """sum(a) and sum(a * b) over all but the last axis: on CPU one pass of archlab's kernel, where XLA reads
-    the activations once for each sum, on one thread (ResNet-20's BatchNorm statistics 2.4x)."""
+    the activations once for each sum, on one thread (ResNet-20's BatchNorm statistics 1.5-2.1x per op)."""
     if cpu_kernels_apply(a, b):
         return cpu_kernels.channel_moments(a, b)
     axes = tuple(range(a.ndim - 1))
@@ -279,7 +279,7 @@ def _channel_sums(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     n = x.size // x.shape[-1]
-    sum_x, sum_xx = _channel_sums(x, x)
+    sum_x, sum_xx = channel_sums(x, x)
     mean = sum_x / n
     return mean, jnp.maximum(sum_xx / n - mean * mean, 0.0)  # nnx's fast variance
 
@@ -301,7 +301,7 @@ def _batch_norm_bwd(eps, residuals, cotangents):
     x, mean, inv, scale = residuals
     dy = cotangents[0]  # mean and var feed only the running averages, under stop_gradient
     n = x.size // x.shape[-1]
-    sum_dy, sum_dy_x = _channel_sums(dy, x)
+    sum_dy, sum_dy_x = channel_sums(dy, x)
     dscale = (sum_dy_x - mean * sum_dy) * inv  # sum of dy * xhat
     a = scale * inv
     c1 = -a * inv * dscale / n
@@ -369,12 +369,14 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
             out_sharding=None) -> jax.Array:
     """`lax.dot_general` for `nnx.Linear(dot_general=cpu_dot)`: the same x @ W, trained faster on CPU. Where
     `cpu_kernels_apply` (fp32, one device), the weight gradient x^T dy is archlab's kernel, which reads x and dy
-    as they lie (as a 1x1 convolution's weight gradient); XLA hands it to Eigen with both transposed into copies
-    first, and runs it beside the next layer's dot on the same two cores (GPT d 384 1.23x a step)."""
+    as they lie; XLA hands it to Eigen with both transposed into copies first (GPT d 384 1.23x a step). Outputs of
+    a multiple of 16 take the dense kernel (dW in tiles summed in place; 1.03x more), others the 1x1
+    convolution's weight gradient over chunks of rows."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
             and not any(batch) and preferred_element_type is None and out_sharding is None
-            and (rhs.shape[1] % cpu_kernels.DENSE_WIDTH == 0 or _rows_per_chunk(lhs.size // lhs.shape[-1], rhs.shape[1]))
+            and (rhs.shape[1] % cpu_kernels.DENSE_WIDTH == 0
+                 or _rows_per_chunk(lhs.size // lhs.shape[-1], rhs.shape[1]))
             and cpu_kernels_apply(lhs, rhs)):
         return _kernel_dot(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,

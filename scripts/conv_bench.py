@@ -3,7 +3,8 @@ einsums or query blocks archlab runs without its kernels), archlab's CPU kernels
 PyTorch's (oneDNN, channels-last; `torch.mm`; `F.scaled_dot_product_attention`), each jitted (or eager) alone:
 convolutions and dense layers forward, input gradient and weight gradient; archlab's through `layers.cpu_conv` and
 `layers.cpu_dot`, as the models call them (a dense layer's forward and input gradient are XLA's dots either way;
-its weight gradient is the kernel's); attention forward, and forward and backward together (`layers.fused_attention`).
+its weight gradient is the kernel's); attention forward, and forward and backward together (`layers.fused_attention`);
+BatchNorm's per-channel statistics (`layers.channel_sums`; XLA's and archlab's only).
 
     python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, dense layers, 3 rounds
     python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
@@ -34,11 +35,12 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
-from models.layers import cpu_conv, cpu_dot, dot_product_attention  # noqa: E402
+from models.layers import channel_sums, cpu_conv, cpu_dot, dot_product_attention  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
 ATTENTION_OPS = ("forward", "forward_backward")
+NORM_OPS = ("statistics",)
 # (name, height = width, in channels, out channels, kernel, stride, padding)
 LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
           ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
@@ -50,6 +52,10 @@ DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), (
 # (name, batch, positions, heads, head size, causal): the bench suite's attention layers
 ATTENTION = [("gpt d384 attention", 8, 256, 6, 64, True), ("gpt d128 attention", 12, 64, 4, 32, True),
              ("vit_tiny attention", 128, 17, 4, 16, False)]
+# (name, height = width, channels): ResNet-20's BatchNorm layers, whose per-channel sum and sum of squares are
+# timed (the batch's statistics; the backward pass takes the same sums of dy and dy * x)
+NORMS = [("resnet20 stage 1 batch norm", 28, 16), ("resnet20 stage 2 batch norm", 14, 32),
+         ("resnet20 stage 3 batch norm", 7, 64)]
 
 
 def best_ms(fn, calls: int = 10) -> float:
@@ -118,6 +124,18 @@ def timed(ops: dict, names: tuple, rounds: int) -> dict:
             for op in names:
                 times[lib][op].append(best_ms(ops[lib][op]))
     return {lib: {op: statistics.median(times[lib][op]) for op in names} for lib in libraries}
+
+
+def norm_ops(x) -> dict:
+    """The per-channel sum and sum of squares of x (N, H, W, C): XLA's two reductions and archlab's kernel
+    (`layers.channel_sums`). PyTorch has no such op alone (its BatchNorm normalises in the same call)."""
+    axes = (0, 1, 2)
+    xla = jax.jit(lambda x: (jnp.sum(x, axes), jnp.sum(x * x, axes)))
+    kernel = jax.jit(lambda x: channel_sums(x, x))
+    if "archlab_channel_moments" not in kernel.lower(x).as_text():
+        raise SystemExit(f"error: the batch-norm statistics of shape {x.shape} did not take archlab's kernel")
+    return {"xla": {"statistics": lambda: jax.block_until_ready(xla(x))},
+            "archlab": {"statistics": lambda: jax.block_until_ready(kernel(x))}}
 
 
 def torch_dense_ops(x, w, dy) -> dict:
@@ -192,9 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
         attention.append({"layer": name, "shape": [b, t, h, dh, causal], **timed(ops, ATTENTION_OPS, args.rounds)})
         print(name, " | ".join(f"{lib} " + " / ".join(f"{attention[-1][lib][op]:.2f}" for op in ATTENTION_OPS)
                                for lib in libraries), flush=True)
+    norms = []
+    for name, size, c in NORMS:
+        norms.append({"layer": name, "shape": [args.batch, size, size, c],
+                      **timed(norm_ops(normal(args.batch, size, size, c)), NORM_OPS, args.rounds)})
+        print(name, " | ".join(f"{lib} {norms[-1][lib]['statistics']:.3f}" for lib in ("xla", "archlab")), flush=True)
     command = " ".join(["python scripts/conv_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
-              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows, "attention": attention}
+              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows, "attention": attention,
+              "norms": norms}
     out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
     out.with_suffix(".json.partial").replace(out)
     header = "| layer | " + " | ".join(f"{lib} ms (fwd / dx / dW)" for lib in libraries) + " |"
@@ -207,6 +231,10 @@ def main(argv: list[str] | None = None) -> dict:
               "|---" * (len(libraries) + 1) + "|"]
     lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in ATTENTION_OPS)
                                                       for lib in libraries) + " |" for row in attention]
+    lines += ["", "| batch-norm statistics (sum and sum of squares per channel) | xla ms | archlab ms |",
+              "|---|---|---|"]
+    lines += [f"| {row['layer']} | {row['xla']['statistics']:.3f} | {row['archlab']['statistics']:.3f} |"
+              for row in norms]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

@@ -1,5 +1,5 @@
 """scripts/conv_bench.py: runs, writes sane figures for the three libraries (convolutions, dense layers,
-attention), and names bad arguments."""
+attention, batch-norm statistics), and names bad arguments."""
 
 import json
 import subprocess
@@ -25,8 +25,12 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
     for row in result["attention"]:
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "forward_backward")), (row, lib)
+    assert [r["shape"] for r in result["norms"]] == [[2, 28, 28, 16], [2, 14, 14, 32], [2, 7, 7, 64]]
+    for row in result["norms"]:
+        assert all(0 < row[lib]["statistics"] < 10_000 for lib in ("xla", "archlab")), row
     markdown = out.with_suffix(".md").read_text()
     assert "| resnet20 stage 1 |" in markdown and "| gpt d384 attention |" in markdown
+    assert "| resnet20 stage 3 batch norm |" in markdown
 
 
 def test_conv_bench_names_a_bad_batch():

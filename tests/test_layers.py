@@ -509,7 +509,8 @@ x = jax.random.normal(jax.random.key(1), (600, 203))
 fast, plain = (nnx.Linear(203, 272, dot_general=f, rngs=nnx.Rngs(0)) for f in (layers.cpu_dot, jax.lax.dot_general))
 loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
 assert "archlab_dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
-np.testing.assert_allclose(nnx.grad(loss)(fast, x)["kernel"][...], nnx.grad(loss)(plain, x)["kernel"][...], rtol=1e-4, atol=5e-5)
+np.testing.assert_allclose(nnx.grad(loss)(fast, x)["kernel"][...], nnx.grad(loss)(plain, x)["kernel"][...],
+                           rtol=1e-4, atol=5e-5)
 x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
 sums = cpu_kernels.channel_moments(x, x)
 np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
