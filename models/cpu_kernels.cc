@@ -362,6 +362,7 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t m = x.dimensions()[0], k = x.dimensions()[1], n = dy.dimensions()[1];
   if (n % kLanes != 0 || dy.dimensions()[0] != m)
     return ffi::Error::InvalidArgument("dense_weight_grad: dy's rows differ from x's, or not whole vectors wide");
+  if (k == 0 || n == 0) return ffi::Error::Success();  // an empty dw
   int nc = group(n);
   int64_t block = kAccumulators / nc, tiles_k = (k + kTileK - 1) / kTileK, tiles_n = (n + kTileN - 1) / kTileN;
   int64_t tiles = tiles_k * tiles_n;

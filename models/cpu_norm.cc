@@ -73,4 +73,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabChannelMoments, ChannelMoments,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
-
