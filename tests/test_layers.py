@@ -428,42 +428,36 @@ def test_flops_count_the_cpu_kernels_convolutions():
         cpu_kernels.enable(True)
 
 
-def test_flops_count_the_cpu_dot_weight_gradient():
+@pytest.mark.parametrize("rows, d_out, target", [
+    (128, 24, "archlab_conv_weight_grad"),   # a width that is not whole vectors: the 1x1 convolution's kernel
+    (96, 32, "archlab_dense_weight_grad"),   # the dense kernel
+])
+def test_flops_count_the_cpu_dot_weight_gradient(rows, d_out, target):
     from train.flops import compiled_flops
 
-    linear = nnx.Linear(40, 24, use_bias=False, dot_general=layers.cpu_dot, rngs=nnx.Rngs(0))
+    linear = nnx.Linear(40, d_out, use_bias=False, dot_general=layers.cpu_dot, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(linear)
     step = lambda: jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x))), argnums=(0, 1))
-    x = jax.ShapeDtypeStruct((128, 40), jnp.float32)
-    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(step())(state, x))
-    assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * 128 * 40 * 24, rel=0.01)
+    x = jax.ShapeDtypeStruct((rows, 40), jnp.float32)
+    assert target in str(jax.make_jaxpr(step())(state, x))
+    assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * rows * 40 * d_out, rel=0.01)
 
 
 def test_channel_moments_sum_in_one_pass_and_repeat_bitwise():
     """BatchNorm's statistics kernel: sum(a) and sum(a * b) per channel, against float64, for channels of one,
     two and four vectors and a remainder, and the same bits on a second call."""
+    moments = jax.jit(cpu_kernels.channel_moments)
     for shape in [(128, 28, 28, 16), (7, 5, 5, 32), (3, 11, 64), (300, 21), (2, 3)]:
         a = np.asarray(jax.random.normal(jax.random.key(0), shape)) + 0.5
         b = np.asarray(jax.random.normal(jax.random.key(1), shape))
         for first, second in ((a, a), (a, b)):
-            sums = jax.jit(cpu_kernels.channel_moments)(first, second)
+            sums = moments(first, second)
             axes = tuple(range(len(shape) - 1))
             want = (first.astype(np.float64).sum(axes), (first.astype(np.float64) * second).sum(axes))
             for got, expected in zip(sums, want):
                 np.testing.assert_allclose(got, expected, rtol=2e-6, atol=2e-6 * np.sqrt(first.size))
-            for again, got in zip(jax.jit(cpu_kernels.channel_moments)(first, second), sums):
+            for again, got in zip(moments(first, second), sums):
                 np.testing.assert_array_equal(again, got)
-
-
-def test_flops_count_the_dense_weight_gradient_kernel():
-    from train.flops import compiled_flops
-
-    linear = nnx.Linear(40, 32, use_bias=False, dot_general=layers.cpu_dot, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(linear)
-    step = lambda: jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x))), argnums=(0, 1))
-    x = jax.ShapeDtypeStruct((96, 40), jnp.float32)
-    assert "archlab_dense_weight_grad" in str(jax.make_jaxpr(step())(state, x))
-    assert compiled_flops(step(), state, x) == pytest.approx(3 * 2 * 96 * 40 * 32, rel=0.01)
 
 
 def test_flops_count_the_fused_attention():
