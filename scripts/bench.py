@@ -139,12 +139,44 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def step_flops(model, task: str, batch) -> int:
+    """Matmul, convolution and attention FLOPs of one forward and backward pass of the twin (PyTorch's
+    FlopCounterMode, with `attention_flop_formulas` for the attention it counts as none on a CPU)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.torch_twins import train_loss
+
+    with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
+        train_loss(model, task, batch).backward()
+    return counter.get_total_flops()
+
+
+def attention_flop_formulas() -> dict:
+    """FlopCounterMode formulas for `F.scaled_dot_product_attention` on a CPU, whose flash kernel PyTorch's counter
+    does not know (it counts 0). Model FLOPs, as train/flops.py counts archlab's attention kernel: the forward's
+    q k^T and p v, the backward's four products (the recomputed logits left out), and under a causal mask the
+    half of each product it leaves."""
+    import torch
+
+    def products(q, k, v, causal: bool) -> int:  # one q k^T and one p v, shapes (B, H, T, D)
+        (b, h, t, dq), s, dv = q, k[2], v[3]
+        return 2 * b * h * t * s * (dq + dv) // (2 if causal else 1)
+
+    def forward(q, k, v, dropout_p=0.0, is_causal=False, **_) -> int:
+        return products(q, k, v, is_causal)
+
+    def backward(grad_out, q, k, v, out, logsumexp, dropout_p=0.0, is_causal=False, **_) -> int:
+        return 2 * products(q, k, v, is_causal)
+
+    aten = torch.ops.aten
+    return {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+
+
 def torch_worker(overrides: list[str], compiled: bool) -> None:
     """The PyTorch twin, trained as a PyTorch user writes the loop; windows of `run N` steps on command."""
     import torch
     from omegaconf import OmegaConf
-    from torch.utils.flop_counter import FlopCounterMode
-
     from scripts.torch_twins import to_torch, train_loss, twin
     from train import targets
     from train.config import compose
@@ -171,9 +203,7 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
         schedule.step()
         return loss, wait
 
-    with FlopCounterMode(display=False) as counter:  # matmul / conv / attention FLOPs of one step, fwd + bwd
-        loss = train_loss(model, task, to_torch(dataset.train_batch(0, tc.batch_size)))
-        loss.backward()
+    flops = step_flops(model, task, to_torch(dataset.train_batch(0, tc.batch_size)))
     optimizer.zero_grad(set_to_none=True)
     first_step_s = timed(lambda: train_step(0))
     warm_s = timed(lambda: [train_step(s) for s in (1, 2)]) / 2
@@ -181,7 +211,7 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
         from torch._inductor.async_compile import shutdown_compile_workers
 
         shutdown_compile_workers()
-    reply(ready=True, compile_s=first_step_s, step_s=warm_s, flops=counter.get_total_flops(),
+    reply(ready=True, compile_s=first_step_s, step_s=warm_s, flops=flops,
           params=sum(p.numel() for p in model.parameters()), threads=torch.get_num_threads())
     step = 3
     while command := sys.stdin.readline().split():

@@ -71,3 +71,38 @@ def test_compile_time_script_compares_the_layouts(tmp_path):
     assert [row["depth"] for row in report["rows"]] == [1, 2]
     assert all(row[layout]["median_s"] > 0 for row in report["rows"] for layout in ("loop", "scan"))
     assert "| 2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_flops_count_the_products_a_mask_leaves(causal):
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.bench import attention_flop_formulas
+
+    b, h, t, d = 2, 3, 32, 16
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    with FlopCounterMode(display=False, custom_mapping=attention_flop_formulas()) as counter:
+        F.scaled_dot_product_attention(q, k, v, is_causal=causal).sum().backward()
+    # forward q k^T and p v, backward four products, each 2 b h t^2 d FLOPs, half of them under a causal mask
+    assert counter.get_total_flops() == 6 * 2 * b * h * t * t * d // (2 if causal else 1)
+
+
+def test_bench_counts_a_gpt_twins_attention():
+    from omegaconf import OmegaConf
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from scripts.bench import step_flops
+    from scripts.torch_twins import to_torch, train_loss, twin
+    from train import targets
+    from train.config import compose
+
+    cfg = compose(["model=gpt", "data=bytes", "data.seq_len=32", "model.num_layers=2", "model.d_model=64",
+                   "model.num_heads=4"])
+    model = twin(OmegaConf.to_container(cfg.model, resolve=True))
+    batch = to_torch(targets.instantiate(cfg.data, _convert_="all").train_batch(0, 4))
+    with FlopCounterMode(display=False) as plain:  # PyTorch's own count: the dense layers, no attention on a CPU
+        train_loss(model, "next_token", batch).backward()
+    attention = 2 * 6 * 2 * 4 * 32 * 32 * 64 // 2  # 2 layers x 6 causal products of (4 x 32 x 32) x 64 (all heads)
+    assert step_flops(model, "next_token", batch) == plain.get_total_flops() + attention
