@@ -350,12 +350,24 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
 }
 
 // A dense layer's weight gradient dw = x^T dy for x (M, K), dy (M, N), N a whole number of vectors, in tiles of
-// up to kTileK x kTileN, each summed over its rows kTileM at a time with weight_block's 8-16 rows by 16-32
-// columns in registers, so that a tile's sums stay in L2 and its x rows in L1 (ConvWeightGrad's partial sums per
-// "image", a 384 x 1536 dw, streamed 2.4 MB through memory per 64 rows). A dw of fewer than kTasks tiles (ViT-tiny's
-// 64 x 64) is also split over the rows, each part's sums kept apart and added in order at the end. The split
-// depends on the shapes alone, so a result repeats bitwise whatever the thread count.
-constexpr int64_t kTileK = 128, kTileN = 256, kTileM = 256, kTasks = 8;
+// up to kTileK x kTileN, each summed over its rows kTileM at a time with a block of dw in registers (6 rows by 4
+// vectors where N and 32 registers allow: 24 multiply-adds for 10 loads; else weight_block's 8-16 rows by 1-2
+// vectors), so that a tile's sums stay in L2 and its x rows in L1 (ConvWeightGrad's partial sums per "image", a
+// 384 x 1536 dw, streamed 2.4 MB through memory per 64 rows). A dw of fewer than kTasks tiles (ViT-tiny's 64 x 64)
+// is also split over the rows, each part's sums kept apart and added in order at the end. The split depends on
+// the shapes alone, so a result repeats bitwise whatever the thread count.
+constexpr int64_t kTileK = 96, kTileN = 256, kTileM = 256, kTasks = 8;
+constexpr int kDenseCols = 4, kDenseRows = (kRegisters - kDenseCols - 2) / kDenseCols;  // as attention's blocks
+constexpr bool kDenseBlocks = kDenseRows * kDenseCols > kAccumulators;  // with 32 registers (AVX-512, NEON)
+static_assert(kTileN % (kLanes * kDenseCols) == 0, "a tile is a whole number of blocks wide");
+
+template <int CB>
+static void dense_block(int nr, const float* xs, int64_t k, const float* dy, int64_t rows, int64_t n, float* dw) {
+  if constexpr (CB > 0) {
+    if (nr == CB) return weight_block<CB, kDenseCols>(xs, k, 0, 1, dy, rows, 1, n, dw);
+    dense_block<CB - 1>(nr, xs, k, dy, rows, n, dw);
+  }
+}
 
 static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                   ffi::ResultBuffer<ffi::F32> dw) {
@@ -363,9 +375,10 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (n % kLanes != 0 || dy.dimensions()[0] != m)
     return ffi::Error::InvalidArgument("dense_weight_grad: dy's rows differ from x's, or not whole vectors wide");
   if (k == 0 || n == 0) return ffi::Error::Success();  // an empty dw
-  int nc = group(n);
-  int64_t block = kAccumulators / nc, tiles_k = (k + kTileK - 1) / kTileK, tiles_n = (n + kTileN - 1) / kTileN;
-  int64_t tiles = tiles_k * tiles_n;
+  const bool wide = kDenseBlocks && n % (kLanes * kDenseCols) == 0;
+  const int nc = wide ? kDenseCols : group(n);
+  int64_t block = wide ? kDenseRows : kAccumulators / nc;
+  int64_t tiles_k = (k + kTileK - 1) / kTileK, tiles_n = (n + kTileN - 1) / kTileN, tiles = tiles_k * tiles_n;
   int64_t parts = std::max<int64_t>(1, std::min((kTasks + tiles - 1) / tiles, m / kTileM));
   thread_local std::vector<float> partial;  // parts 1.. (part 0 sums into dw), kept between calls
   if (partial.size() < (size_t)((parts - 1) * k * n)) partial.resize((parts - 1) * k * n);
@@ -380,11 +393,18 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     int64_t m0 = p * m / parts, m1 = (p + 1) * m / parts;
     float* acc = p == 0 ? out : part + (p - 1) * k * n;
     for (int64_t r = k0; r < k1; ++r) std::fill(acc + r * n + n0, acc + r * n + n1, 0.0f);
-    for (int64_t i = m0; i < m1; i += kTileM)
+    for (int64_t i = m0; i < m1; i += kTileM) {
+      const int64_t rows = std::min(kTileM, m1 - i);
       for (int64_t t = k0; t < k1; t += block)
-        for (int64_t o = n0; o < n1; o += kLanes * nc)
-          weight_tail<kAccumulators>((int)std::min<int64_t>(block, k1 - t), nc, xp + i * k + t, k, 0, 1,
-                                     dp + i * n + o, std::min(kTileM, m1 - i), 1, n, acc + t * n + o);
+        for (int64_t o = n0; o < n1; o += kLanes * nc) {
+          const int nr = (int)std::min<int64_t>(block, k1 - t);
+          const float *xs = xp + i * k + t, *ds = dp + i * n + o;
+          if (wide)
+            dense_block<kDenseRows>(nr, xs, k, ds, rows, n, acc + t * n + o);
+          else
+            weight_tail<kAccumulators>(nr, nc, xs, k, 0, 1, ds, rows, 1, n, acc + t * n + o);
+        }
+    }
   });
   if (parts > 1) {
     int64_t workers = num_workers(pool, k);

@@ -304,6 +304,8 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
     ((2, 3, 5, 16), 7, True),    # 30 rows: no chunks of 16 or more -> lax's gradient
     ((31, 40), 8, False),        # a prime count -> lax's gradient
     ((600, 203), 272, False),    # dense kernel: 2 x 2 tiles, partial ones; the rows in 2 parts (256 + 44 each)
+    ((300, 100), 128, False),    # dense kernel, 4-vector blocks: 2 tiles, the second 4 rows deep
+    ((2, 300, 70), 64, True),    # dense kernel, 4-vector blocks: 1 tile of 70 rows (11 blocks of 6, then 4), 2 parts
 ])
 def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv_kernels):
     def model(dot_fn) -> nnx.Linear:
@@ -499,12 +501,14 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
 x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
 np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
-x = jax.random.normal(jax.random.key(1), (600, 203))
-fast, plain = (nnx.Linear(203, 272, dot_general=f, rngs=nnx.Rngs(0)) for f in (layers.cpu_dot, jax.lax.dot_general))
-loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-assert "archlab_dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
-np.testing.assert_allclose(nnx.grad(loss)(fast, x)["kernel"][...], nnx.grad(loss)(plain, x)["kernel"][...],
-                           rtol=1e-4, atol=5e-5)
+for d_in, d_out in [(203, 272), (70, 64)]:  # 1-2 vector blocks; 4-vector blocks with a short one
+    x = jax.random.normal(jax.random.key(1), (600, d_in))
+    fast, plain = (nnx.Linear(d_in, d_out, dot_general=f, rngs=nnx.Rngs(0))
+                   for f in (layers.cpu_dot, jax.lax.dot_general))
+    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+    assert "archlab_dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
+    np.testing.assert_allclose(nnx.grad(loss)(fast, x)["kernel"][...], nnx.grad(loss)(plain, x)["kernel"][...],
+                               rtol=1e-4, atol=5e-5)
 x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
 sums = cpu_kernels.channel_moments(x, x)
 np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
