@@ -28,6 +28,10 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported by the PyTorch workers only
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -139,7 +143,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def step_flops(model, task: str, batch) -> int:
+def step_flops(model: "torch.nn.Module", task: str, batch: dict) -> int:
     """Matmul, convolution and attention FLOPs of one forward and backward pass of the twin (PyTorch's
     FlopCounterMode, with `attention_flop_formulas` for the attention it counts as none on a CPU)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -177,6 +181,7 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
     """The PyTorch twin, trained as a PyTorch user writes the loop; windows of `run N` steps on command."""
     import torch
     from omegaconf import OmegaConf
+
     from scripts.torch_twins import to_torch, train_loss, twin
     from train import targets
     from train.config import compose
