@@ -501,7 +501,9 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
 x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
 np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
-for d_in, d_out in [(203, 272), (70, 64)]:  # 1-2 vector blocks; 4-vector blocks with a short one
+# 203 -> 272: tiles and rows split; 70 -> 64: one tile with a short last block (16 registers here, so the
+# 1-2 vector blocks; the 6 x 4-vector ones need 32)
+for d_in, d_out in [(203, 272), (70, 64)]:
     x = jax.random.normal(jax.random.key(1), (600, d_in))
     fast, plain = (nnx.Linear(d_in, d_out, dot_general=f, rngs=nnx.Rngs(0))
                    for f in (layers.cpu_dot, jax.lax.dot_general))
