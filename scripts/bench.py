@@ -401,12 +401,19 @@ def main() -> None:
         sys.exit(f"error: bench entry {unknown[0]!r} is not in the suite (valid: {', '.join(SUITE)})")
     if args.rounds < 1 or args.window_seconds <= 0:
         sys.exit(f"error: --rounds {args.rounds} and --window-seconds {args.window_seconds} must be positive")
-    from train.config import check_group_choices
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        check_group_choices(args.set)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    from train.config import compose
+    from train.loop import check_config
+
+    for name in args.entries or SUITE:  # a bad --set fails now, in one line, not in a worker's traceback
+        try:
+            check_config(compose([*SUITE[name], *args.set]))
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot apply (a key no group has)
+            sys.exit(f"error: {' '.join(str(e).splitlines()[:2])} (bench entry {name})")
     if args.out.is_dir():
         args.out = args.out / "bench.json"
     try:  # a bad --out fails now, not after the suite's 20 minutes: the file write_results renames from

@@ -48,6 +48,17 @@ def test_bench_names_an_unwritable_out_before_it_starts(tmp_path):
     assert "bench: mlp" not in proc.stderr  # nothing was timed
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["model.d_model=wide"], "error: model.d_model=wide is not valid (valid: int, as models.gpt.GPT declares d_model)"),
+    (["nosuchkey=1"], "error: Could not override 'nosuchkey'. To append to your config use +nosuchkey=1 "
+                      "(bench entry gpt_small)"),
+])
+def test_bench_names_a_bad_override_before_it_starts(overrides, expected):
+    proc = run_cli(["gpt_small", "--set", *overrides], module="scripts/bench.py", check=False, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [expected]  # no worker started, no traceback
+
+
 def test_accelerator_bench_smoke_run_reports_every_section(tmp_path):
     """The GPU/TPU table's script, at tiny shapes on CPU: every section filled (speed is never checked)."""
     out = tmp_path / "accelerator.json"

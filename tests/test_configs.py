@@ -157,3 +157,27 @@ def test_a_cpu_split_that_came_too_late_is_said_in_the_log(tmp_path, caplog):
         setup(compose(["model=vit_tiny", "model.depth=1", "runtime=data_parallel"]), tmp_path)
     assert ("runtime.cpu_devices=2 did not apply: JAX had started with 1 CPU device(s) (XLA_FLAGS, or an earlier job "
             "of this process: a sweep's jobs share the first one's)") in caplog.messages
+
+
+def test_every_shipped_model_and_experiment_passes_the_config_checks():
+    """The type checks of check_config (tests/test_errors.py) hold every value the shipped configs set: each model
+    with the first dataset it reads, each experiment, each optimizer."""
+    from train.datafit import check_model_reads_data
+    from train.loop import check_config
+
+    runs = [[f"+experiment={name}"] for name in group_options("experiment")]
+    for model in group_options("model"):
+        for data in group_options("data"):
+            try:
+                check_model_reads_data(compose([f"model={model}", f"data={data}"]))
+            except ValueError:
+                continue
+            runs.append([f"model={model}", f"data={data}"])
+            break
+        else:
+            pytest.fail(f"model={model} reads no shipped dataset")
+    runs += [[f"optim={name}"] for name in group_options("optim")]
+    for overrides in runs:
+        cfg = compose(overrides)
+        if not OmegaConf.missing_keys(cfg):  # data=text and the like want a path: check_missing's own test
+            check_config(cfg)

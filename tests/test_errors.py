@@ -1,5 +1,6 @@
 """Bad input gets one clear line naming the value and what would be valid, before any compile."""
 
+import json
 import os
 import re
 
@@ -10,6 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.conftest import run_cli
+from train.config import compose
+from train.loop import check_config
 
 
 def one_line_error(args, env=None, after_progress: bool = False) -> str:
@@ -59,6 +62,12 @@ def test_unwritable_output_directory(tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [("trainer.steps=0", "trainer.steps=0"),
+                                                ("trainer.grad_accum=0", "trainer.grad_accum=0 must be a positive"),
+                                                ("trainer.steps=1.5", "trainer.steps=1.5 is not valid (valid: int)"),
+                                                ("trainer.objective=eval/f1", "trainer.objective=eval/f1 is not a "
+                                                 "metric of this run (valid: eval/loss, eval/accuracy)"),
+                                                ("distributed.num_processes=two", "distributed.num_processes=two is "
+                                                 "not valid (valid: int | None, as train.mesh.initialize_distributed"),
                                                 ("trainer.nan_policy=ignore", "valid: stop, skip"),
                                                 ("model.activation=swishy", "swishy"),
                                                 ("trainer.profile=[5,3]", "trainer.profile=[5, 3] is not a step range"),
@@ -92,6 +101,47 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 ])
 def test_model_options_a_model_does_not_have(tmp_path, args, expected):
     assert expected in one_line_error([*args, f"hydra.run.dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model=gpt", "data=bytes", "model.d_model=abc"],
+     "model.d_model=abc is not valid (valid: int, as models.gpt.GPT declares d_model)"),
+    (["trainer.seed=true"], "trainer.seed=true is not valid (valid: int)"),  # a bool is no int to a config
+    (["trainer.compute_dtype=fp8"], "trainer.compute_dtype=fp8 is not valid (valid: float32, bfloat16, float16)"),
+    (["optim.lr=fast"], "optim.lr=fast is not valid (valid: float, as train.optim.adamw declares lr)"),
+    (["model=gpt", "data=bytes", "data.seq_len=long"],  # named where it is set, not where model.max_len reads it
+     "data.seq_len=long is not valid (valid: int, as data.text.ByteCorpus declares seq_len)"),
+    (["model=mlp", "model.hidden=[64,wide]"],
+     "model.hidden=[64,wide] is not valid (valid: Sequence[int], as models.mlp.MLP declares hidden)"),
+    (["mesh.data=all"], "mesh.data=all is not valid (valid: int, as train.mesh.make_mesh declares data)"),
+    (["checkpoint.keep=[3]"], "checkpoint.keep=[3] is not valid (valid: int)"),
+    (["+trainer.epochs=3"], "trainer.epochs is not a setting of trainer (valid: steps, batch_size, "),
+    (["+optim.momentum=0.9"], "optim.momentum is not an argument of train.optim.adamw (valid: lr, total_steps, "),
+])
+def test_a_value_of_the_wrong_type_names_the_type_its_setting_takes(args, expected):
+    """Checked against the signature of what the group builds (or the settings' types) before anything is built:
+    the wrong type otherwise surfaces as a traceback from deep inside JAX or optax, or not at all."""
+    with pytest.raises(ValueError) as e:
+        check_config(compose(args))
+    assert str(e.value).startswith(expected), e.value
+
+
+def test_right_types_pass_the_check():
+    """An int is a float, a tuple or list a sequence, null an optional value; nothing the shipped configs hold fails
+    (tests/test_configs.py composes them all)."""
+    check_config(compose(["optim.lr=1", "optim.clip_norm=1.0", "trainer.max_seconds=5", "trainer.profile=[1,3]",
+                          "model=mlp", "model.hidden=[8,8]", "trainer.init_exclude=[head]"]))
+
+
+def test_an_objective_a_dataset_adds_is_checked_at_the_end_and_the_results_are_kept(tmp_path):
+    """A dataset's own final metrics (here the byte corpus' unigram loss) are known only after the run: a name that
+    is not one of them fails there, in one line, with the run's results written."""
+    line = one_line_error(["model=gpt", "data=bytes", "model.num_layers=1", "model.d_model=32", "model.num_heads=2",
+                           "data.seq_len=16", "trainer.batch_size=4", "trainer.steps=2", "trainer.objective=eval/f1",
+                           f"hydra.run.dir={tmp_path}"], after_progress=True)
+    assert line.startswith("error: trainer.objective=eval/f1 is not a metric of this run (valid: eval/loss, "
+                           "eval/accuracy, eval/bits_per_token, eval/unigram_loss)"), line
+    assert "eval/unigram_loss" in json.loads((tmp_path / "final_metrics.json").read_text())
 
 
 def test_a_non_finite_step_leaves_the_state_as_it_was(tmp_path):

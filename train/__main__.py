@@ -34,6 +34,7 @@ def main(cfg: DictConfig) -> float:
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
+        config.check_arguments(cfg.distributed, "distributed", mesh.initialize_distributed)
         mesh.initialize_distributed(**cfg.distributed)
         lock = runlock.acquire(run_dir, jax.process_index())  # held already unless a sweep's job or a TPU pod
         exp = loop.setup(cfg, run_dir)
@@ -48,6 +49,9 @@ def main(cfg: DictConfig) -> float:
         raise
     finally:
         runlock.release(lock)
+    if cfg.trainer.objective not in metrics:  # a dataset's own final metrics are known only now
+        sys.exit(f"error: trainer.objective={cfg.trainer.objective} is not a metric of this run (valid: "
+                 f"{', '.join(metrics)}); its results are saved in {run_dir}")
     return metrics[cfg.trainer.objective]
 
 

@@ -1,10 +1,15 @@
 """Config helpers: resolvers, early checks of the command line and of missing values, composition for scripts."""
 
+import dataclasses
 import inspect
 import math
 import os
-from collections.abc import Sequence
+import pkgutil
+import types
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,15 +100,106 @@ def model_parameters(target: str) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(get_class(target).__init__).parameters)
 
 
-def check_model_arguments(model_cfg: DictConfig) -> None:
-    """One-line error for a model config key its class does not take (e.g. `+model.scan_layers=true` on a ResNet)."""
-    params = model_parameters(model_cfg._target_)
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    for key in model_cfg:
-        if key != "_target_" and key not in params:
-            valid = ", ".join(k for k in params if k not in ("self", "rngs"))
-            raise ValueError(f"model.{key} is not an argument of {model_cfg._target_} (valid: {valid})")
+@dataclasses.dataclass
+class Trainer:
+    """The settings of the `trainer` group (conf/trainer/default.yaml), as types its values are checked against."""
+
+    steps: int
+    batch_size: int
+    eval_every: int
+    eval_batch_size: int
+    log_every: int
+    seed: int
+    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    nan_policy: Literal["stop", "skip"]
+    grad_accum: int
+    init_from: str | None
+    init_exclude: list[str]
+    profile: Any  # train.profiling.check_profile says what a step range is
+    max_seconds: float | None
+    objective: str
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """The settings of `checkpoint` (conf/config.yaml)."""
+
+    every: int
+    keep: int
+    async_save: bool
+
+
+def conforms(value: Any, hint: Any) -> bool:
+    """Whether a config value (resolved, plain Python) is of the type `hint` a signature declares; hints this
+    does not know (a class, Any) accept anything, leaving the value to the callable."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(conforms(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float, str):  # a bool is an int to Python, not to a config; an int is a float
+        return isinstance(value, {int: int, float: (int, float), str: str}[hint]) and not isinstance(value, bool)
+    sequence = hint in (list, tuple, Sequence) or origin in (list, tuple, Sequence)
+    if sequence:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(conforms(v, a) for v, a in zip(value, args))
+        return all(conforms(v, args[0]) for v in value) if args else True
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def describe(hint: Any) -> str:
+    """A type hint as its source spells it (int, str | None, Sequence[int]); a Literal as its values."""
+    if typing.get_origin(hint) is Literal:
+        return ", ".join(str(a) for a in typing.get_args(hint))
+    text = hint.__name__ if isinstance(hint, type) else str(hint)
+    return text.replace("typing.", "").replace("collections.abc.", "")
+
+
+def check_arguments(node: DictConfig, group: str, target: Callable | None = None) -> None:
+    """One-line error for a key of config group `group` that its callable does not take (`+model.scan_layers=true`
+    on a ResNet), or a value not of the type the callable declares (`model.d_model=abc`, `trainer.steps=1.5`),
+    before anything is built. The callable is the node's `_target_` unless `target` is given (a dataclass for the
+    groups nothing is built from)."""
+    if target is None:
+        targets.check_target(node._target_, f"{group}._target_")
+        target = pkgutil.resolve_name(node._target_)
+    name = f"{target.__module__}.{target.__qualname__}"
+    function = target.__init__ if isinstance(target, type) else target  # a Module's class signature is (*args, **kw)
+    params = {k: p for k, p in inspect.signature(function).parameters.items() if k != "self"}
+    try:
+        hints = typing.get_type_hints(function)
+    except (NameError, TypeError):  # an annotation that does not resolve here: types are left to the callable
+        hints = {}
+    values = OmegaConf.to_container(node, resolve=True)
+    open_ended = any(p.kind == p.VAR_KEYWORD for p in params.values())
+    settings = dataclasses.is_dataclass(target)  # a group's settings rather than a callable's arguments
+    for key, value in values.items():
+        if key.startswith("_"):  # _target_, _partial_, ...
+            continue
+        if key not in params and not open_ended:
+            valid = ", ".join(k for k in params if k != "rngs")
+            what = f"a setting of {group}" if settings else f"an argument of {name}"
+            raise ValueError(f"{group}.{key} is not {what} (valid: {valid})")
+        if key in hints and not conforms(value, hints[key]):
+            declared = "" if settings else f", as {name} declares {key}"
+            raise ValueError(f"{group}.{key}={spelled(value)} is not valid (valid: {describe(hints[key])}{declared})")
+
+
+def spelled(value: Any) -> str:
+    """A config value as a command line spells it: true, null, [1,x]."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(spelled(v) for v in value) + "]"
+    return str(value)
 
 
 def check_run_dir(overrides: list[str]) -> None:

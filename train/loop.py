@@ -30,7 +30,7 @@ import models  # noqa: F401  (sets nnx's sharding mode before any model is built
 from train import mesh as mesh_lib
 from train import autotune, pretrained, runlock, targets
 from train.checkpoint import Checkpoints
-from train.config import check_missing, check_model_arguments
+from train.config import Checkpoint, Trainer, check_arguments, check_missing
 from train.datafit import check_model_reads_data, check_vocabulary
 from train.preemption import NonFinite, Preempted, Preemption, defer_stop_signals
 from train.profiling import Profile, check_profile
@@ -78,12 +78,19 @@ def build(node: DictConfig, **kwargs):
         raise
 
 
-def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
-    """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
+def check_config(cfg: DictConfig) -> None:
+    """The checks of the config alone, nothing opened or built: one-line errors for what setup would trip on."""
     targets.check(cfg)  # before anything is built or opened: a config must not run code
     check_model_reads_data(cfg)  # before check_missing, which would stop at the first value the data lacks
     check_missing(cfg)
-    check_model_arguments(cfg.model)
+    for group, target in (("data", None), ("optim", None), ("trainer", Trainer), ("checkpoint", Checkpoint),
+                          ("mesh", mesh_lib.make_mesh), ("model", None)):  # model last: it interpolates the others
+        check_arguments(cfg[group], group, target)
+
+
+def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
+    """Build devices, data, model and optimizer from the config; raise one-line errors on bad values."""
+    check_config(cfg)
     run_dir = Path(run_dir)
     check_writable(run_dir)
     saved_cfg = run_dir / ".hydra" / "config.yaml"  # `python -m train` writes it; `run(cfg, dir)` too, for scripts
@@ -91,7 +98,7 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
         saved_cfg.parent.mkdir(exist_ok=True)
         saved_cfg.write_text(OmegaConf.to_yaml(cfg))
     tc = cfg.trainer
-    for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size"):
+    for key in ("steps", "batch_size", "eval_every", "log_every", "eval_batch_size", "grad_accum"):
         if tc[key] <= 0:
             raise ValueError(f"trainer.{key}={tc[key]} must be a positive integer")
     if tc.profile is not None:
@@ -99,8 +106,6 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     if tc.get("max_seconds") is not None and (tc.max_seconds <= 0 or jax.process_count() > 1):
         raise ValueError(f"trainer.max_seconds={tc.max_seconds} must be positive, on one process (hosts would "
                          f"stop at different steps), or null: no time limit")
-    if tc.nan_policy not in ("stop", "skip"):
-        raise ValueError(f"trainer.nan_policy={tc.nan_policy!r} is not known (valid: stop, skip)")
     if cfg.checkpoint.every <= 0 or cfg.checkpoint.keep <= 0:
         raise ValueError(f"checkpoint.every={cfg.checkpoint.every} and checkpoint.keep={cfg.checkpoint.keep} "
                          f"must be positive")
@@ -133,6 +138,10 @@ def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
     task = dataset.task
     if task not in TASKS:
         raise ValueError(f"data task {task!r} is not known (valid: {', '.join(TASKS)})")
+    metrics = [f"eval/{k}" for k in summarize({"count": 1, "loss": 0.0, "correct": 0}, task)]
+    more = hasattr(dataset, "final_metrics")  # eval/ metrics of the dataset's own, known at the end of the run
+    if tc.objective not in metrics and not (more and tc.objective.startswith("eval/")):
+        raise ValueError(f"trainer.objective={tc.objective} is not a metric of this run (valid: {', '.join(metrics)})")
     shard = (jax.process_index(), jax.process_count())
 
     # ---- Model and optimizer ----
