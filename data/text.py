@@ -132,6 +132,8 @@ def readable_file(path: str | Path, key: str = "data.path", valid: str = TEXT_VA
 
 def check_length(length: int, unit: str, path: str | None, seq_len: int, val_fraction: float) -> None:
     """One-line error when a text of `length` tokens leaves a split shorter than one window of seq_len + 1."""
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len={seq_len} is not valid (valid: a positive number of tokens)")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={val_fraction} is not in (0, 1)")
     window = seq_len + 1

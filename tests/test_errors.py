@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import run_cli
 from train.config import compose
-from train.loop import check_config
+from train.loop import build, check_config
 
 
 def one_line_error(args, env=None, after_progress: bool = False) -> str:
@@ -123,6 +123,34 @@ def test_a_value_of_the_wrong_type_names_the_type_its_setting_takes(args, expect
     the wrong type otherwise surfaces as a traceback from deep inside JAX or optax, or not at all."""
     with pytest.raises(ValueError) as e:
         check_config(compose(args))
+    assert str(e.value).startswith(expected), e.value
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["model=mlp", "model.hidden=[64,0]"], "model.hidden=[64,0] is not valid (valid: positive sizes)"),
+    (["model=gpt", "data=bytes", "model.num_heads=0"], "model.num_heads=0 is not valid (valid: positive sizes)"),
+    (["model=gpt", "data=bytes", "data.seq_len=0"], "model.max_len=0 (= ${data.seq_len}) is not valid"),
+    (["model=gpt", "data=bytes", "model.dropout=1.5"],
+     "model.dropout=1.5 is not valid (valid: a rate, 0 <= dropout < 1)"),
+])
+def test_a_model_size_or_rate_out_of_range_is_one_line(args, expected):
+    with pytest.raises(ValueError) as e:
+        check_config(compose(args))
+    assert str(e.value).startswith(expected), e.value
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["optim.lr=-1"], "optim.lr=-1 is negative (valid: 0 or more)"),
+    (["optim.warmup_steps=-5"], "optim.warmup_steps=-5 is negative"),
+    (["optim.b2=1.0"], "optim.b2=1.0 is not valid (valid: 0 <= b2 < 1)"),
+    (["optim=sgd", "optim.momentum=1"], "optim.momentum=1 is not valid (valid: 0 <= momentum < 1)"),
+    (["optim.clip_norm=0"], "optim.clip_norm=0 is not valid (valid: a positive norm, or null: no clipping)"),
+])
+def test_an_optimizer_setting_out_of_range_is_one_line(args, expected):
+    """Each would train, silently wrong: a negative rate ascends the loss, b2 = 1 never updates its second moment,
+    a clip norm of 0 was taken as no clipping."""
+    with pytest.raises(ValueError) as e:
+        build(compose(args).optim, total_steps=10)
     assert str(e.value).startswith(expected), e.value
 
 

@@ -30,7 +30,7 @@ import models  # noqa: F401  (sets nnx's sharding mode before any model is built
 from train import mesh as mesh_lib
 from train import autotune, pretrained, runlock, targets
 from train.checkpoint import Checkpoints
-from train.config import Checkpoint, Trainer, check_arguments, check_missing
+from train.config import Checkpoint, Trainer, check_arguments, check_missing, check_model_values
 from train.datafit import check_model_reads_data, check_vocabulary
 from train.preemption import NonFinite, Preempted, Preemption, defer_stop_signals
 from train.profiling import Profile, check_profile
@@ -86,6 +86,7 @@ def check_config(cfg: DictConfig) -> None:
     for group, target in (("data", None), ("optim", None), ("trainer", Trainer), ("checkpoint", Checkpoint),
                           ("mesh", mesh_lib.make_mesh), ("model", None)):  # model last: it interpolates the others
         check_arguments(cfg[group], group, target)
+    check_model_values(cfg.model)
 
 
 def setup(cfg: DictConfig, run_dir: str | Path) -> Experiment:
