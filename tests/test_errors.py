@@ -107,7 +107,7 @@ def test_model_options_a_model_does_not_have(tmp_path, args, expected):
     (["model=gpt", "data=bytes", "model.d_model=abc"],
      "model.d_model=abc is not valid (valid: int, as models.gpt.GPT declares d_model)"),
     (["trainer.seed=true"], "trainer.seed=true is not valid (valid: int)"),  # a bool is no int to a config
-    (["trainer.compute_dtype=fp8"], "trainer.compute_dtype=fp8 is not valid (valid: float32, bfloat16, float16)"),
+    (["trainer.compute_dtype=fp8"], "trainer.compute_dtype=fp8 is not valid (valid: float32, bfloat16)"),
     (["optim.lr=fast"], "optim.lr=fast is not valid (valid: float, as train.optim.adamw declares lr)"),
     (["model=gpt", "data=bytes", "data.seq_len=long"],  # named where it is set, not where model.max_len reads it
      "data.seq_len=long is not valid (valid: int, as data.text.ByteCorpus declares seq_len)"),

@@ -1,4 +1,5 @@
-"""Config helpers: resolvers, early checks of the command line and of missing values, composition for scripts."""
+"""Config helpers: resolvers, early checks of the command line, of missing values and of each group's keys, types
+and ranges, composition for scripts."""
 
 import dataclasses
 import inspect
@@ -110,7 +111,7 @@ class Trainer:
     eval_batch_size: int
     log_every: int
     seed: int
-    compute_dtype: Literal["float32", "bfloat16", "float16"]
+    compute_dtype: Literal["float32", "bfloat16"]  # fp16 would want loss scaling, which archlab does not do
     nan_policy: Literal["stop", "skip"]
     grad_accum: int
     init_from: str | None
