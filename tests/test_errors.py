@@ -9,9 +9,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import pytest
+from omegaconf import OmegaConf
 
 from tests.conftest import run_cli
-from train.config import compose
+from train.config import check_model_values, compose
 from train.loop import build, check_config
 
 
@@ -137,6 +138,14 @@ def test_a_model_size_or_rate_out_of_range_is_one_line(args, expected):
     with pytest.raises(ValueError) as e:
         check_config(compose(args))
     assert str(e.value).startswith(expected), e.value
+
+
+def test_a_model_of_your_own_may_take_zero_but_not_a_dropout_rate_outside_0_1():
+    """Only archlab's models (`models.`) are known to take nothing but sizes as integers."""
+    own = OmegaConf.create({"_target_": "mypkg.model.Tiny", "hidden": 64, "extra_tokens": 0})
+    check_model_values(own)
+    with pytest.raises(ValueError, match=r"^model.dropout=1.5 is not valid \(valid: a rate"):
+        check_model_values(OmegaConf.merge(own, {"dropout": 1.5}))
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -195,15 +195,17 @@ def check_arguments(node: DictConfig, group: str, target: Callable | None = None
 
 
 def check_model_values(model_cfg: DictConfig) -> None:
-    """One-line error for a model size that is not positive (`model.hidden=[64,0]`, `model.num_heads=0`: every
-    integer a model takes is a size or a count) or a dropout rate outside [0, 1), before the model is built."""
+    """One-line error for a size of archlab's models that is not positive (`model.hidden=[64,0]`, `num_heads=0`:
+    every integer they take is a size or a count; a model of your own may take others) or any model's dropout
+    rate outside [0, 1), before the model is built."""
+    sizes = model_cfg._target_.startswith("models.")
     written = OmegaConf.to_container(model_cfg, resolve=False)
     for key, value in OmegaConf.to_container(model_cfg, resolve=True).items():
         shown = f"model.{key}={spelled(value)}"
         if OmegaConf.is_interpolation(model_cfg, key):  # named where it is set: model.max_len=0 (= ${data.seq_len})
             shown += f" (= {written[key]})"
         numbers = value if isinstance(value, (list, tuple)) else [value]
-        if any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in numbers):
+        if sizes and any(isinstance(v, int) and not isinstance(v, bool) and v < 1 for v in numbers):
             raise ValueError(f"{shown} is not valid (valid: positive sizes)")
         if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
             raise ValueError(f"{shown} is not valid (valid: a rate, 0 <= {key} < 1)")
