@@ -105,6 +105,19 @@ def test_model_options_a_model_does_not_have(tmp_path, args, expected):
 
 
 @pytest.mark.parametrize("args, expected", [
+    (["nosuchkey=1"], "error: nosuchkey is not a setting (valid: checkpoint, data, distributed, mesh, model, optim, "
+                      "runtime, trainer; +nosuchkey=VALUE adds one)"),
+    (["trainer.epochs=3"], "error: trainer.epochs is not a setting of trainer=default (valid: batch_size, "),
+    (["checkpoint.evry=3"], "error: checkpoint.evry is not a setting of checkpoint (valid: async_save, every, keep)"),
+    (["model=mamba", "data=bytes", "runtime.cpu_device=1"],  # mamba picks runtime=ssm, which extends default
+     "error: runtime.cpu_device is not a setting of runtime=ssm (valid: autotune, compilation_cache, cpu_devices"),
+])
+def test_a_key_the_config_does_not_have_is_one_line(tmp_path, args, expected):
+    """Checked before Hydra composes (its own message is five lines); `+KEY=VALUE` adds a key instead."""
+    assert one_line_error([*args, f"hydra.run.dir={tmp_path}"]).startswith(expected)
+
+
+@pytest.mark.parametrize("args, expected", [
     (["model=gpt", "data=bytes", "model.d_model=abc"],
      "model.d_model=abc is not valid (valid: int, as models.gpt.GPT declares d_model)"),
     (["trainer.seed=true"], "trainer.seed=true is not valid (valid: int)"),  # a bool is no int to a config

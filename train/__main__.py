@@ -58,7 +58,7 @@ def main(cfg: DictConfig) -> float:
 if __name__ == "__main__":
     try:
         config.check_group_choices(sys.argv[1:])
-        config.check_model_keys(sys.argv[1:])
+        config.check_override_keys(sys.argv[1:])
         config.check_run_dir(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -66,7 +66,7 @@ def check_group_choices(overrides: list[str]) -> None:
     dirs = config_dirs(overrides)
     if dirs is None:
         return  # Hydra's own check applies
-    groups = {p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()}
+    groups = group_dirs(dirs)
     for override in overrides:
         key, sep, value = override.lstrip("+~").partition("=")
         if not sep or key not in groups:
@@ -77,20 +77,70 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(options)})")
 
 
-def check_model_keys(overrides: list[str]) -> None:
-    """One-line error for `model.KEY=VALUE` naming a key the chosen model config does not have."""
-    if any(o.lstrip("+").startswith("experiment=") for o in overrides):
-        return  # a preset picks the model: Hydra's own check applies
-    choice = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "lenet")
-    files = [d / "model" / f"{choice}.yaml" for d in config_dirs(overrides) or []]
-    if "," in choice or not any(f.is_file() for f in files):
-        return
-    keys = set(OmegaConf.load(next(f for f in files if f.is_file())))
+def option_keys(group: str, option: str, dirs: Sequence[Path]) -> set[str] | None:
+    """The keys an option of a config group sets, with those of the same group's options it extends (its defaults
+    list: runtime=ssm extends data_parallel, which extends default); None when no config folder has it."""
+    file = next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+    if file is None:
+        return None
+    node = OmegaConf.load(file)
+    keys = set(node) - {"defaults"}
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":  # dict entries override other groups
+            keys |= option_keys(group, entry, dirs) or set()
+    return keys
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """One-line error for `KEY=VALUE` naming a key the config does not have (`trainer.epochs=3`, `nosuch=1`):
+    Hydra's own says so in several lines. `+KEY=VALUE` adds a key, which the checks of what takes it see."""
+    dirs = config_dirs(overrides)
+    if dirs is None or any(o.startswith("+") and o.lstrip("+").partition("=")[0] in group_dirs(dirs)
+                           for o in overrides):
+        return  # another primary config, or a preset group (+experiment=...) that may pick options and add keys
+    primary = OmegaConf.load(CONF_DIR / "config.yaml")
+    choices = group_choices(overrides, primary, dirs)
     for override in overrides:
         key, sep, _ = override.partition("=")
-        if sep and key.startswith("model.") and key.split(".")[1] not in keys:
-            raise ValueError(f"{key} is not a setting of model={choice} (valid: "
+        if not sep or override.startswith(("+", "~", "-")) or key.startswith("hydra") or "/" in key:
+            continue
+        root, _, rest = key.partition(".")
+        if root in choices and rest:
+            choice = choices[root]
+            keys = option_keys(root, choice, dirs) if "," not in choice else None  # a sweep: each job checks
+            where = f"{root}={choice}"
+        elif root in primary and rest:
+            keys, where = set(primary[root]), root
+        elif root in choices or root in primary:
+            continue
+        else:
+            valid = ", ".join(sorted(set(choices) | set(primary) - {"defaults", "hydra"}))
+            raise ValueError(f"{key} is not a setting (valid: {valid}; +{key}=VALUE adds one)")
+        name = rest.split(".")[0]
+        if keys is not None and name not in keys:
+            raise ValueError(f"{root}.{name} is not a setting of {where} (valid: "
                              f"{', '.join(sorted(k for k in keys if k != '_target_'))})")
+
+
+def group_choices(overrides: list[str], primary: DictConfig, dirs: Sequence[Path]) -> dict[str, str]:
+    """The option of each group of the primary config's defaults: the command line's, one a chosen option picks
+    (model=mamba's `override /runtime@...: ssm`), or the default."""
+    given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith(("+", "-"))}
+    choices = {group: given.get(group, option) for entry in primary.defaults if not isinstance(entry, str)
+               for group, option in entry.items()}
+    for group, option in list(choices.items()):
+        file = next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+        for entry in OmegaConf.load(file).get("defaults", []) if file else []:
+            for key, value in entry.items() if not isinstance(entry, str) else []:
+                other = key.removeprefix("override").strip().lstrip("/").split("@")[0]
+                if other in choices and other not in given:
+                    choices[other] = value
+    return choices
+
+
+def group_dirs(dirs: Sequence[Path]) -> set[str]:
+    """The config groups: sub-folders of the config folders."""
+    return {p.name for d in dirs if d.is_dir() for p in d.iterdir() if p.is_dir()}
 
 
 def model_parameters(target: str) -> dict[str, inspect.Parameter]:
