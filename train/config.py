@@ -77,10 +77,15 @@ def check_group_choices(overrides: list[str]) -> None:
                 raise ValueError(f"{key}={option} is not a config option (valid: {', '.join(options)})")
 
 
+def option_file(group: str, option: str, dirs: Sequence[Path]) -> Path | None:
+    """The YAML file of `group=option` in the first config folder that has it (Hydra's search order)."""
+    return next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+
+
 def option_keys(group: str, option: str, dirs: Sequence[Path]) -> set[str] | None:
     """The keys an option of a config group sets, with those of the same group's options it extends (its defaults
     list: runtime=ssm extends data_parallel, which extends default); None when no config folder has it."""
-    file = next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+    file = option_file(group, option, dirs)
     if file is None:
         return None
     node = OmegaConf.load(file)
@@ -129,7 +134,7 @@ def group_choices(overrides: list[str], primary: DictConfig, dirs: Sequence[Path
     choices = {group: given.get(group, option) for entry in primary.defaults if not isinstance(entry, str)
                for group, option in entry.items()}
     for group, option in list(choices.items()):
-        file = next((d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()), None)
+        file = option_file(group, option, dirs)
         for entry in OmegaConf.load(file).get("defaults", []) if file else []:
             for key, value in entry.items() if not isinstance(entry, str) else []:
                 other = key.removeprefix("override").strip().lstrip("/").split("@")[0]
