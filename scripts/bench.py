@@ -79,12 +79,14 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     from train.config import compose
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-archlab-"))
-    # Warm-up: the compiling first step and runtime.autotune's timed steps (on here, as for a long CPU run).
-    warmup = window * -(-(1 + autotune.ROUNDS * 2) // window)
+    # Warm-up: the compiling first step and runtime.autotune's timed steps (on here, as for a long CPU run), up to
+    # the first logged window after its choice.
+    warmup = window * -(-(1 + autotune.MAX_TUNING_STEPS) // window)
     steps = warmup + window * (windows - 1) + 1  # never reaches its last step: no final eval or checkpoint is timed
     cfg = compose(["runtime.autotune=true", *overrides, f"trainer.steps={steps}", f"trainer.log_every={window}",
                    f"trainer.eval_every={steps}", f"checkpoint.every={steps}", "runtime.compilation_cache=false"])
     runtime.apply(**cfg.runtime)
+    tuning = autotune.applies(cfg.runtime, steps)
     import jax
 
     from train import loop
@@ -100,10 +102,14 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     logging.getLogger("train.autotune").addHandler(AutotuneChoice(logging.INFO))
     logging.getLogger("train.autotune").setLevel(logging.INFO)
 
+    warm = False
+
     def on_log(step: int, metrics: dict) -> None:
-        if step < warmup:
-            return
-        if step == warmup:
+        nonlocal warm
+        if not warm:
+            if tuning and not dots:
+                return
+            warm = True
             compile_s = read_metrics(run_dir / "metrics.jsonl")[0]["train/first_step_seconds"]
             reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg), dots=dots[-1] if dots else None)
         else:

@@ -399,7 +399,7 @@ def train(exp: Experiment, on_log: Callable[[int, dict[str, float]], None] | Non
 
     train_step, eval_step = make_train_step(exp, flat=True), make_eval_step(exp)
     if autotune.applies(cfg.runtime, tc.steps - start):
-        train_step = autotune.Autotuned(train_step, autotune.dot_candidates(cfg.runtime))
+        train_step = autotune.Autotuned(train_step, autotune.dot_candidates(cfg.runtime), tc.steps - start)
     treedef, leaves = jax.tree.structure(state), jax.tree.leaves(state)
 
     def current_state():
