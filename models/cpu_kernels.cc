@@ -154,14 +154,15 @@ static inline float sum_lanes(vec v) {
 // The input gradient of a layer with fewer input channels C than a vector holds (LeNet's conv2: 6), vectorised
 // over dy's channels instead: dx[pixel, k] for P neighbouring pixels of a phase, each the lane sum of C x P
 // accumulators over the taps' dy vectors times w[tap, k, :] (packed (taps_h, taps_w, C, co)). 2.7x fewer
-// multiply-adds than 16-lane vectors of which C are used.
+// multiply-adds than 16-lane vectors of which C are used. Only tap columns [u0, u1) of the tw, those that reach
+// dy for some of the P pixels, are summed (the others read padding).
 template <int C, int P>
 static inline void narrow_block(const float* dr, int64_t drow, int64_t co, const float* wq, int64_t th, int64_t tw,
-                                float* x, int64_t xstride) {
+                                int64_t u0, int64_t u1, float* x, int64_t xstride) {
   vec acc[P][C] = {};
   for (int64_t o = 0; o < co; o += kLanes)
     for (int64_t t = 0; t < th; ++t)
-      for (int64_t u = 0; u < tw; ++u) {
+      for (int64_t u = u0; u < u1; ++u) {
         vec wv[C];
         for (int k = 0; k < C; ++k) wv[k] = *(const vec*)(wq + ((t * tw + u) * C + k) * co + o);
         for (int p = 0; p < P; ++p) {
@@ -177,20 +178,20 @@ constexpr int narrow_pixels(int c) { return std::max(1, std::min(4, (kRegisters 
 
 template <int C, int P = narrow_pixels(C)>
 static void narrow_tail(int np, const float* dr, int64_t drow, int64_t co, const float* wq, int64_t th, int64_t tw,
-                        float* x, int64_t xstride) {
+                        int64_t u0, int64_t u1, float* x, int64_t xstride) {
   if constexpr (P > 0) {
-    if (np == P) return narrow_block<C, P>(dr, drow, co, wq, th, tw, x, xstride);
-    narrow_tail<C, P - 1>(np, dr, drow, co, wq, th, tw, x, xstride);
+    if (np == P) return narrow_block<C, P>(dr, drow, co, wq, th, tw, u0, u1, x, xstride);
+    narrow_tail<C, P - 1>(np, dr, drow, co, wq, th, tw, u0, u1, x, xstride);
   }
 }
 
 // narrow_tail for c = 1 .. kLanes - 1 known at compile time.
 template <int C = kLanes - 1>
 static void narrow(int c, int np, const float* dr, int64_t drow, int64_t co, const float* wq, int64_t th, int64_t tw,
-                   float* x, int64_t xstride) {
+                   int64_t u0, int64_t u1, float* x, int64_t xstride) {
   if constexpr (C > 0) {
-    if (c == C) return narrow_tail<C>(np, dr, drow, co, wq, th, tw, x, xstride);
-    narrow<C - 1>(c, np, dr, drow, co, wq, th, tw, x, xstride);
+    if (c == C) return narrow_tail<C>(np, dr, drow, co, wq, th, tw, u0, u1, x, xstride);
+    narrow<C - 1>(c, np, dr, drow, co, wq, th, tw, u0, u1, x, xstride);
   }
 }
 
@@ -243,21 +244,28 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
         int64_t nq = (wi - rw + sw - 1) / sw;  // dx columns in this phase
         for (int64_t a = 0; rh + sh * a < h; ++a) {
           float* xr = xb + (rh + sh * a) * wi * c;
-          if (p.taps == 0 || q.taps == 0) {  // no tap reaches these pixels (kernel smaller than the stride)
+          // Tap t reads dy row d0 + t: only taps [t0, t1) reach one of dy's rows (a VALID layer's border rows
+          // meet few; LeNet's conv2 60 -> 40 tap rows an image).
+          int64_t d0 = a + p.dmin, t0 = std::max<int64_t>(0, -d0), t1 = std::min<int64_t>(p.taps, ho - d0);
+          if (t1 <= t0 || q.taps == 0) {  // no tap reaches these pixels (kernel smaller than the stride)
             for (int64_t e = 0; e < nq; ++e) std::memset(xr + (rw + sw * e) * c, 0, c * sizeof(float));
             continue;
           }
-          const float* dr = ds + (a + p.dmin + top) * drow + (q.dmin + left) * co;
+          const float* dr = ds + (d0 + t0 + top) * drow + (q.dmin + left) * co;
+          const float* wt = wq + t0 * q.taps * co * (few ? c : cv);
           if (few) {
-            for (int64_t e = 0; e < nq; e += narrow_pixels(c))
-              narrow((int)c, (int)std::min<int64_t>(narrow_pixels(c), nq - e), dr + e * co, drow, co, wq, p.taps,
-                     q.taps, xr + (rw + sw * e) * c, sw * c);
+            for (int64_t e = 0; e < nq; e += narrow_pixels(c)) {
+              int64_t np = std::min<int64_t>(narrow_pixels(c), nq - e), c0 = q.dmin + e;  // dy column at tap 0
+              int64_t u0 = std::max<int64_t>(0, -(c0 + np - 1)), u1 = std::min<int64_t>(q.taps, wo - c0);
+              narrow((int)c, (int)np, dr + e * co, drow, co, wt, t1 - t0, q.taps, u0, std::max(u0, u1),
+                     xr + (rw + sw * e) * c, sw * c);
+            }
             continue;
           }
           for (int64_t e = 0; e < nq; e += pixels(c)) {
             int nb = (int)std::min<int64_t>(pixels(c), nq - e);
             for (int64_t k = 0; k < cv; k += kLanes * nc)
-              forward_tail<kAccumulators>(nb, nc, dr + e * co, drow, q.taps * co, co, wq + k, cv, p.taps,
+              forward_tail<kAccumulators>(nb, nc, dr + e * co, drow, q.taps * co, co, wt + k, cv, t1 - t0,
                                           xr + (rw + sw * e) * c + k, sw * c, lanes(c, k, nc));
           }
         }

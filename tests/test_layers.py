@@ -268,6 +268,8 @@ def conv_kernels(request):
     (40, 24, 3, 1, "SAME"),               # channels that are not whole vectors
     (64, 64, 3, 1, "SAME"),               # two vectors at a time
     (1, 8, 3, 2, "SAME"),                 # strided (XLA: lax's, materialised)
+    (6, 16, 5, 2, [(2, 1), (0, 3)]),      # few input channels (kernel: dy's channels a vector) by phases
+    (4, 32, 3, 1, "SAME"),                # and two vectors of them, the border taps skipped
 ])
 def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding, conv_kernels):
     def model(conv_fn) -> nnx.Conv:
