@@ -1,5 +1,6 @@
 """Index arithmetic shared by the in-memory and TFDS datasets: shuffled epochs and host shards."""
 
+import functools
 from collections.abc import Iterator
 
 import numpy as np
@@ -23,9 +24,17 @@ def train_indices(num_examples: int, batch_size: int, step: int, seed: int, shar
     epochs, offsets = np.divmod(positions, num_examples)
     indices = np.empty_like(positions)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
-        indices[epochs == epoch] = perm[offsets[epochs == epoch]]
+        indices[epochs == epoch] = epoch_order(num_examples, seed, int(epoch))[offsets[epochs == epoch]]
     return indices
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled example order of one epoch, drawn once per epoch rather than once per step: a draw costs
+    O(num_examples) (60,000: 0.6 ms, 1,000,000: 25 ms), paid in the loader thread beside the step."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    order.flags.writeable = False
+    return order
 
 
 def eval_indices(num_examples: int, batch_size: int, shard: Shard) -> Iterator[tuple[np.ndarray, np.ndarray]]:

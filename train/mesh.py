@@ -96,4 +96,6 @@ def state_shardings(abstract_state, mesh: Mesh):
 def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """This host's rows of a batch, placed as one global array sharded over the data axes."""
     sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:  # all of it is this host's: one transfer for every array (~20 us a step less)
+        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
