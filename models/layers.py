@@ -347,6 +347,15 @@ def max_pool(x: jax.Array, window: int) -> jax.Array:
     return x[:, :h, :w].reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
 
 
+def activation_max_pool(x: jax.Array, act: Callable[[jax.Array], jax.Array], window: int) -> jax.Array:
+    """`max_pool(act(x), window)`. ReLU commutes with the max exactly, values and gradients (a window of negative
+    values gives 0 and no gradient either way), so it runs after the pool, on a quarter of the values for a 2x2
+    window (LeNet 1.05x [1.02-1.10])."""
+    if act is jax.nn.relu:
+        return act(max_pool(x, window))
+    return max_pool(act(x), window)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _kernel_max_pool(x: jax.Array, window: int) -> jax.Array:
     return cpu_kernels.max_pool(x, window)[0]

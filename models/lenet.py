@@ -5,7 +5,7 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
-from models.layers import activation_fn, cpu_conv, max_pool
+from models.layers import activation_fn, activation_max_pool, cpu_conv
 from models.mlp import MLP
 
 
@@ -32,8 +32,8 @@ class LeNet(nnx.Module):
 
     def features(self, x: jax.Array) -> jax.Array:
         """The feature vector the classifier sees: (B, 28, 28, C) -> (B, 256)."""
-        x = max_pool(self.act(self.conv1(x)), 2)  # (B, 28, 28, C) -> (B, 12, 12, 6)
-        x = max_pool(self.act(self.conv2(x)), 2)  # -> (B, 4, 4, 16)
+        x = activation_max_pool(self.conv1(x), self.act, 2)  # act, 2x2 max pool: (B, 28, 28, C) -> (B, 12, 12, 6)
+        x = activation_max_pool(self.conv2(x), self.act, 2)  # -> (B, 4, 4, 16)
         return x.reshape(x.shape[0], -1)  # -> (B, 256)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -248,6 +248,21 @@ def test_max_pool_equals_nnx_max_pool_and_routes_the_gradient_to_the_maximum(sha
     np.testing.assert_array_equal(grad, grad_ref)
 
 
+@pytest.mark.parametrize("act", ["relu", "tanh", "gelu"])
+def test_activation_max_pool_equals_the_activation_then_the_pool(act):
+    """ReLU runs after the pool (max commutes with it): the same values and gradients, windows of negative values
+    included (0, and no gradient); other activations run first."""
+    fn = layers.activation_fn(act)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 6)) - 0.5  # many windows entirely below 0
+    weights = jax.random.normal(jax.random.key(1), (3, 4, 4, 6))
+    fast = lambda v: jnp.sum(layers.activation_max_pool(v, fn, 2) * weights)
+    plain = lambda v: jnp.sum(layers.max_pool(fn(v), 2) * weights)
+    np.testing.assert_array_equal(layers.activation_max_pool(x, fn, 2), layers.max_pool(fn(x), 2))
+    np.testing.assert_array_equal(jax.jit(jax.grad(fast))(x), jax.jit(jax.grad(plain))(x))
+    first = jax.make_jaxpr(lambda v: layers.activation_max_pool(v, fn, 2))(x).jaxpr.eqns[0]
+    assert (first.outvars[0].aval.shape == x.shape) == (act != "relu")  # the activation first: on all of x
+
+
 @pytest.fixture(params=["native", "xla"])
 def conv_kernels(request):
     """cpu_conv with archlab's native kernels (runtime.cpu_kernels=true, the default) and without them."""
