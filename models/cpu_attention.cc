@@ -219,7 +219,7 @@ ffi::Error check(const Shape& x) {
 }
 
 struct Scratch {
-  std::vector<float> kt, vt, s, dp, inverse_sums;  // inverse_sums: the forward's 1 / sum of p per query
+  Floats kt, vt, s, dp, inverse_sums;  // inverse_sums: the forward's 1 / sum of p per query
 };
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,

@@ -20,7 +20,7 @@ static int lanes(int64_t d, int64_t o, int nc) {
 static int pixels(int64_t d) { return kAccumulators / group(d); }  // output pixels per forward block
 
 // rows x d values, as rows x widen(d) with zeros after each row's d (src itself if d needs no widening).
-static const float* widened(const float* src, int64_t rows, int64_t d, std::vector<float>& out) {
+static const float* widened(const float* src, int64_t rows, int64_t d, Floats& out) {
   int64_t dv = widen(d);
   if (dv == d) return src;
   out.assign(rows * dv, 0.0f);
@@ -30,7 +30,7 @@ static const float* widened(const float* src, int64_t rows, int64_t d, std::vect
 
 // A thread's buffer for one zero-padded image; its zeros are written once per geometry, not once per image.
 struct Scratch {
-  std::vector<float> data;
+  Floats data;
   std::array<int64_t, 7> geometry{};
 };
 
@@ -103,7 +103,7 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], kh = wd[0], kw = wd[1], co = wd[3], ho = yd[1], wo = yd[2];
   int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, cv = widen(co);
   int nc = group(co);
-  std::vector<float> wpad;
+  Floats wpad;
   const float* wp = widened(w.typed_data(), kh * kw * c, co, wpad);
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
@@ -209,7 +209,7 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   for (auto& p : ph) if (p.taps) top = std::max(top, -p.dmin);
   for (auto& p : pw) if (p.taps) left = std::max(left, -p.dmin);
   // Per phase, its taps' weights as (taps_h, taps_w, co, cv), in the order they meet dy (few: (.., c, co)).
-  std::vector<std::vector<float>> packed(sh * sw);
+  std::vector<Floats> packed(sh * sw);
   const float* wp = w.typed_data();
   for (int64_t rh = 0; rh < sh; ++rh)
     for (int64_t rw = 0; rw < sw; ++rw) {
@@ -320,7 +320,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   int64_t workers = num_workers(pool, n);
   // One dw (rows of cv) per chunk of images, summed at the end; kept by the calling thread between calls, so that
   // a dense layer's megabytes of partial sums are not allocated (and faulted in) every step.
-  thread_local std::vector<float> partial;
+  thread_local Floats partial;
   if (partial.size() < (size_t)(workers * size)) partial.resize(workers * size);
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();
@@ -329,7 +329,7 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   // same in every run.
   parallel_for(pool, workers, workers, [=](int64_t chunk, int64_t) {
     thread_local Scratch scratch;
-    thread_local std::vector<float> dy_wide;
+    thread_local Floats dy_wide;
     float* acc = part + chunk * size;
     std::fill(acc, acc + size, 0.0f);
     for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
@@ -388,7 +388,7 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t block = wide ? kDenseRows : kAccumulators / nc;
   int64_t tiles_k = (k + kTileK - 1) / kTileK, tiles_n = (n + kTileN - 1) / kTileN, tiles = tiles_k * tiles_n;
   int64_t parts = std::max<int64_t>(1, std::min((kTasks + tiles - 1) / tiles, m / kTileM));
-  thread_local std::vector<float> partial;  // parts 1.. (part 0 sums into dw), kept between calls
+  thread_local Floats partial;  // parts 1.. (part 0 sums into dw), kept between calls
   if (partial.size() < (size_t)((parts - 1) * k * n)) partial.resize((parts - 1) * k * n);
   const float* xp = x.typed_data();
   const float* dp = dy.typed_data();

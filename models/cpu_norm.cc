@@ -38,7 +38,7 @@ static ffi::Error ChannelMoments(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, 
     return ffi::Error::InvalidArgument("channel_moments: operands of different sizes, or no channels");
   int64_t rows = a.element_count() / c, chunk = std::max<int64_t>(1, (1 << 14) / c);
   int64_t chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk), whole = c / kLanes * kLanes;
-  std::vector<float> partial(chunks * 2 * c, 0.0f);
+  Floats partial(chunks * 2 * c, 0.0f);
   const float *ap = a.typed_data(), *bp = b.typed_data();
   float* part = partial.data();
   parallel_for(pool, chunks, num_workers(pool, chunks), [=](int64_t k, int64_t) {
