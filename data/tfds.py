@@ -7,6 +7,7 @@ fails, so the directory is checked first and a missing dataset is a one-line err
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import grain
 import numpy as np
@@ -110,33 +111,62 @@ def to_example(record: dict, image_size: int, channels: int) -> dict[str, np.nda
     return {"image": image, "label": np.int32(record["label"])}
 
 
+CACHE_BYTES = 2**30  # cache="auto": a split stays in memory, decoded, when it fits in this (MNIST's train: 188 MB)
+
+
+class DecodedSplit:
+    """A split's examples as float32 images and int32 labels. Cached, each is decoded on its first read and kept:
+    TFDS reads and decodes a record in ~40 us, 5.4 ms for a batch of 128 28x28 images, twice LeNet's step."""
+
+    def __init__(self, examples: grain.MapDataset, image_shape: tuple[int, ...], cached: bool):
+        self.examples, self.cached = examples, cached
+        if cached:  # filled as examples are first read: no start-up pass, the memory taken as the epoch goes
+            self.images = np.empty((len(examples), *image_shape), np.float32)
+            self.labels = np.empty(len(examples), np.int32)
+            self.decoded = np.zeros(len(examples), bool)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def take(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        if not self.cached:
+            examples = [self.examples[int(i)] for i in indices]
+            return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        for i in np.unique(indices[~self.decoded[indices]]):
+            example = self.examples[int(i)]
+            self.images[i], self.labels[i] = example["image"], example["label"]
+            self.decoded[i] = True
+        return {"image": self.images[indices], "label": self.labels[indices]}
+
+
 class TFDSImages:
-    """A TFDS image-classification dataset; the train split is shuffled per epoch from (seed, step)."""
+    """A TFDS image-classification dataset; the train split is shuffled per epoch from (seed, step). `cache`:
+    keep decoded examples in memory (true), decode every read (false), or keep them when a split's fit in
+    CACHE_BYTES (auto)."""
 
     task = "classify"
 
     def __init__(self, name: str, data_dir: str, train_split: str = "train", test_split: str = "test",
-                 image_size: int = 28, channels: int = 1, augment: bool = False, seed: int = 0, **metadata):
+                 image_size: int = 28, channels: int = 1, augment: bool = False, seed: int = 0,
+                 cache: bool | Literal["auto"] = "auto", **metadata):
         self.name, self.augment, self.seed = name, augment, seed
+        shape = (image_size, image_size, channels)
 
-        def pipeline(split: str) -> grain.MapDataset:
-            source = open_split(name, data_dir, split)
-            return grain.MapDataset.source(source).map(lambda r: to_example(r, image_size, channels))
+        def split(name_: str) -> DecodedSplit:
+            source = open_split(name, data_dir, name_)
+            examples = grain.MapDataset.source(source).map(lambda r: to_example(r, image_size, channels))
+            fits = len(examples) * int(np.prod(shape)) * 4 <= CACHE_BYTES
+            return DecodedSplit(examples, shape, cache is True or (cache == "auto" and fits))
 
-        self.train, self.test = pipeline(train_split), pipeline(test_split)
-
-    @staticmethod
-    def _stack(examples: list[dict]) -> dict[str, np.ndarray]:
-        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+        self.train, self.test = split(train_split), split(test_split)
 
     def train_batch(self, step: int, batch_size: int, shard: Shard = (0, 1)) -> dict[str, np.ndarray]:
         idx = train_indices(len(self.train), batch_size, step, self.seed, shard)
-        batch = self._stack([self.train[int(i)] for i in idx])
+        batch = self.train.take(idx)
         if self.augment:
             batch["image"] = augment_images(batch["image"], np.random.default_rng([self.seed, step, shard[0]]))
         return batch
 
     def eval_batches(self, batch_size: int, shard: Shard = (0, 1)) -> Iterator[dict[str, np.ndarray]]:
         for idx, mask in eval_indices(len(self.test), batch_size, shard):
-            batch = self._stack([self.test[int(i)] for i in idx])
-            yield batch | {"mask": mask}
+            yield self.test.take(idx) | {"mask": mask}

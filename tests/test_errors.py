@@ -77,6 +77,12 @@ def test_bad_values(tmp_path, override, expected):
     assert expected in one_line_error(["model=mlp", override, f"hydra.run.dir={tmp_path}"])
 
 
+def test_a_bad_tfds_cache_setting_names_its_three_values(tmp_path):
+    line = one_line_error(["data=tfds", "data.cache=maybe", f"hydra.run.dir={tmp_path}"])
+    assert line == ("error: data.cache=maybe is not valid (valid: true, false, auto, as data.tfds.TFDSImages "
+                    "declares cache)")
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     """Warmup starts at lr 0, so step 1 is finite and checkpointed; lr 1e9 then blows the loss up."""
     args = ["model=mlp", "trainer.steps=40", "trainer.log_every=1", "checkpoint.every=1", "checkpoint.keep=50",

@@ -1,5 +1,6 @@
 """The TFDS path, no network: a real TFDS dataset built on disk from the digits, trained on; missing data fails fast."""
 
+import numpy as np
 import pytest
 
 from data.tfds_digits import build
@@ -27,3 +28,23 @@ def test_missing_tfds_dataset_is_one_line_naming_dataset_directory_and_remedy(tm
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert "'mnist'" in lines[0] and str(tmp_path) in lines[0] and "python -m data.prepare mnist" in lines[0]
+
+
+def test_a_cached_split_decodes_each_example_once_and_serves_the_same_batches(tfds_dir, monkeypatch):
+    from data import tfds as tfds_data
+
+    cached, plain = (tfds_data.TFDSImages("digits_tfds", str(tfds_dir), cache=c) for c in (True, False))
+    assert cached.train.cached and not plain.train.cached
+    epoch = -(-len(cached.train) // 64)
+    for step in [0, 1, epoch + 3]:  # the last in the second epoch, read from memory
+        a, b = cached.train_batch(step, 64), plain.train_batch(step, 64)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert cached.train.decoded.sum() < len(cached.train)  # decoded as read, not all at the start
+    for step in range(epoch):
+        cached.train_batch(step, 64)
+    assert cached.train.decoded.all()
+    for a, b in zip(cached.eval_batches(128), plain.eval_batches(128)):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert tfds_data.TFDSImages("digits_tfds", str(tfds_dir)).train.cached  # auto: 1,437 images fit
+    monkeypatch.setattr(tfds_data, "CACHE_BYTES", 1000)
+    assert not tfds_data.TFDSImages("digits_tfds", str(tfds_dir)).train.cached

@@ -215,6 +215,9 @@ def describe(hint: Any) -> str:
     """A type hint as its source spells it (int, str | None, Sequence[int]); a Literal as its values."""
     if typing.get_origin(hint) is Literal:
         return ", ".join(str(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and any(
+            typing.get_origin(a) is Literal for a in typing.get_args(hint)):  # bool | Literal["auto"]: true, false, auto
+        return ", ".join("true, false" if a is bool else describe(a) for a in typing.get_args(hint))
     text = hint.__name__ if isinstance(hint, type) else str(hint)
     return text.replace("typing.", "").replace("collections.abc.", "")
 
