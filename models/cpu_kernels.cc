@@ -310,6 +310,45 @@ static void weight_tail(int nr, int nc, const float* xs, int64_t xrow, int64_t p
   }
 }
 
+// The weight gradient of a one-channel stride-1 layer with fewer output channels than a vector holds (LeNet's
+// conv1: 5x5 to 6, whose dy vectors above use 6 of 16 lanes), vectorised over a row's output pixels instead:
+// dw[i, j, o] += x[r + i, q + j : +kLanes] . dy[o, r, q : +kLanes] for kLanes pixels q at a time, dy's channels
+// deinterleaved into rows of whole vectors (zeros after wo). Per kernel row i and group of G channels, KW x G
+// accumulators; each x vector loaded once for G channels, each dy vector once for KW taps. The sums stay vectors
+// (vsum, (kh, kw, co) of them) until the caller adds their lanes.
+constexpr int kPixelGroup = 3;
+template <int KW>
+static void pixel_weight_grad(const float* xs, int64_t xrow, const float* dq, int64_t ho, int64_t wq, int64_t kh,
+                              int64_t co, vec* vsum) {
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t o = 0; o < co; o += kPixelGroup) {
+      int g = (int)std::min<int64_t>(kPixelGroup, co - o);
+      vec acc[KW][kPixelGroup] = {};
+      for (int64_t r = 0; r < ho; ++r)
+        for (int64_t q = 0; q < wq; q += kLanes) {
+          vec xv[KW];
+          for (int j = 0; j < KW; ++j) xv[j] = *(const vec*)(xs + (r + i) * xrow + q + j);
+          for (int m = 0; m < kPixelGroup; ++m) {
+            if (m >= g) break;
+            vec d = *(const vec*)(dq + ((o + m) * ho + r) * wq + q);
+            for (int j = 0; j < KW; ++j) acc[j][m] += xv[j] * d;
+          }
+        }
+      for (int j = 0; j < KW; ++j)
+        for (int m = 0; m < g; ++m) vsum[(i * KW + j) * co + o + m] += acc[j][m];
+    }
+}
+
+constexpr int kPixelMaxKW = 7;
+template <int KW = kPixelMaxKW>
+static void pixel_weight_grad_kw(int64_t kw, const float* xs, int64_t xrow, const float* dq, int64_t ho, int64_t wq,
+                                 int64_t kh, int64_t co, vec* vsum) {
+  if constexpr (KW > 0) {
+    if (kw == KW) return pixel_weight_grad<KW>(xs, xrow, dq, ho, wq, kh, co, vsum);
+    pixel_weight_grad_kw<KW - 1>(kw, xs, xrow, dq, ho, wq, kh, co, vsum);
+  }
+}
+
 static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                  ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
@@ -327,11 +366,29 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   float* part = partial.data();
   // Image chunk s adds into partial dw s, whichever thread takes it: the sums' order, hence the result, is the
   // same in every run.
+  bool by_pixel = c == 1 && sh == 1 && sw == 1 && co < kLanes && kw <= kPixelMaxKW;  // pixel_weight_grad's case
+  int64_t wq = widen(wo);  // by_pixel: dy rows of whole vectors; x columns read up to wq + kw - 1
   parallel_for(pool, workers, workers, [=](int64_t chunk, int64_t) {
     thread_local Scratch scratch;
     thread_local Floats dy_wide;
     float* acc = part + chunk * size;
     std::fill(acc, acc + size, 0.0f);
+    if (by_pixel) {
+      std::vector<vec> vsum(kh * kw * co, vec{});
+      dy_wide.assign(co * ho * wq, 0.0f);
+      for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
+        const float* xb = xp + b * h * wi;
+        const float* xs = padded(xb, h, wi, 1, pt, pl, rows, wq + kw - 1, scratch);
+        const float* db = dp + b * ho * wo * co;
+        for (int64_t r = 0; r < ho; ++r)
+          for (int64_t q = 0; q < wo; ++q)
+            for (int64_t o = 0; o < co; ++o) dy_wide[(o * ho + r) * wq + q] = db[(r * wo + q) * co + o];
+        pixel_weight_grad_kw(kw, xs, xs == xb ? wi : wq + kw - 1, dy_wide.data(), ho, wq, kh, co, vsum.data());
+      }
+      for (int64_t t = 0; t < kh * kw; ++t)
+        for (int64_t o = 0; o < co; ++o) acc[t * cv + o] = sum_lanes(vsum[t * co + o]);
+      return;
+    }
     for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
       const float* xb = xp + b * h * wi * c;
       const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
