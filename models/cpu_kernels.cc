@@ -97,6 +97,60 @@ static void forward_tail(int nb, int nc, const float* xs, int64_t xrow, int64_t 
   }
 }
 
+#ifdef __AVX512F__
+// The forward of a one-channel stride-1 layer with fewer output channels than a vector holds (LeNet's conv1),
+// by pixels as pixel_weight_grad: CO accumulators of 16 output pixels of a row, each x vector loaded once for
+// all CO channels, then interleaved into y's (pixel, channel) order in registers: y's vector v takes lane e
+// from channel (16v + e) % CO at pixel (16v + e) / CO, one masked permute per channel.
+struct Interleave {
+  __m512i index[kLanes * kLanes];
+  __mmask16 mask[kLanes * kLanes];
+  explicit Interleave(int co) {
+    for (int v = 0; v < co; ++v)
+      for (int o = 0; o < co; ++o) {
+        alignas(64) int32_t idx[kLanes] = {};
+        __mmask16 m = 0;
+        for (int e = 0; e < kLanes; ++e)
+          if ((kLanes * v + e) % co == o) idx[e] = (kLanes * v + e) / co, m |= (__mmask16)(1u << e);
+        index[v * co + o] = _mm512_load_si512(idx);
+        mask[v * co + o] = m;
+      }
+  }
+};
+
+template <int CO>
+static void pixel_forward_row(const float* xr, int64_t xrow, const float* w, int64_t kh, int64_t kw, int64_t wo,
+                              float* y, const Interleave& il) {
+  for (int64_t q = 0; q < wo; q += kLanes) {
+    __m512 acc[CO];
+    for (int o = 0; o < CO; ++o) acc[o] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t j = 0; j < kw; ++j) {
+        __m512 xv = _mm512_loadu_ps(xr + i * xrow + q + j);
+        const float* wt = w + (i * kw + j) * CO;
+        for (int o = 0; o < CO; ++o) acc[o] = _mm512_fmadd_ps(xv, _mm512_set1_ps(wt[o]), acc[o]);
+      }
+    int64_t values = std::min<int64_t>(kLanes, wo - q) * CO;
+    for (int v = 0; v * kLanes < values; ++v) {
+      __m512 out = _mm512_setzero_ps();
+      for (int o = 0; o < CO; ++o)
+        out = _mm512_mask_permutexvar_ps(out, il.mask[v * CO + o], il.index[v * CO + o], acc[o]);
+      int n = (int)std::min<int64_t>(kLanes, values - v * kLanes);
+      _mm512_mask_storeu_ps(y + q * CO + v * kLanes, (__mmask16)((1u << n) - 1), out);
+    }
+  }
+}
+
+template <int CO = kLanes - 1>
+static void pixel_forward_co(int64_t co, const float* xr, int64_t xrow, const float* w, int64_t kh, int64_t kw,
+                             int64_t wo, float* y, const Interleave& il) {
+  if constexpr (CO > 0) {
+    if (co == CO) return pixel_forward_row<CO>(xr, xrow, w, kh, kw, wo, y, il);
+    pixel_forward_co<CO - 1>(co, xr, xrow, w, kh, kw, wo, y, il);
+  }
+}
+#endif
+
 static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                               ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -107,6 +161,22 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   const float* wp = widened(w.typed_data(), kh * kw * c, co, wpad);
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
+#ifdef __AVX512F__
+  if (c == 1 && sh == 1 && sw == 1 && co < kLanes) {  // pixel_forward_row's case
+    auto il = std::make_shared<Interleave>((int)co);
+    const float* wd_ = w.typed_data();
+    int64_t xcols = widen(wo) + kw - 1;  // every x column a 16-pixel vector reads
+    parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+      thread_local Scratch scratch;
+      const float* xb = xp + b * h * wi;
+      const float* xs = padded(xb, h, wi, 1, pt, pl, rows, xcols, scratch);
+      int64_t xrow = xs == xb ? wi : xcols;
+      for (int64_t r = 0; r < ho; ++r)
+        pixel_forward_co(co, xs + r * xrow, xrow, wd_, kh, kw, wo, yp + (b * ho + r) * wo * co, *il);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
     thread_local Scratch scratch;
     const float* xb = xp + b * h * wi * c;

@@ -315,14 +315,18 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
         assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
 
 
-@pytest.mark.parametrize("k, c_out, padding", [(5, 6, "VALID"), (3, 12, "SAME"), (7, 4, [(3, 2), (0, 3)])])
-def test_one_channel_weight_gradient_by_pixels_equals_lax(k, c_out, padding):
-    """A one-channel stride-1 layer's weight gradient, vectorised over output pixels (LeNet's conv1): rows of one
-    and two vectors of pixels and a partial last one, kernel widths of 3 to 7, padding on every side."""
+@pytest.mark.parametrize("k, c_out, padding", [(5, 6, "VALID"), (3, 12, "SAME"), (7, 4, [(3, 2), (0, 3)]),
+                                               (2, 15, "VALID"), (3, 1, "SAME")])
+def test_one_channel_layer_by_pixels_equals_lax(k, c_out, padding):
+    """A one-channel stride-1 layer's forward and weight gradient, vectorised over output pixels (LeNet's conv1):
+    rows of one and two vectors of pixels and a partial last one, 1 to 15 output channels interleaved, kernel
+    widths of 2 to 7, padding on every side."""
     x = jax.random.normal(jax.random.key(0), (3, 28, 21, 1))
     w = jax.random.normal(jax.random.key(1), (k, k, 1, c_out))
-    loss = lambda conv, w: jnp.sum(jnp.sin(conv(x, w, (1, 1), padding, dimension_numbers=layers.NHWC)))
     padding = padding if isinstance(padding, str) else tuple(padding)
+    conv = lambda fn, w: fn(x, w, (1, 1), padding, dimension_numbers=layers.NHWC)
+    np.testing.assert_allclose(conv(layers.cpu_conv, w), conv(jax.lax.conv_general_dilated, w), rtol=1e-5, atol=1e-5)
+    loss = lambda fn, w: jnp.sum(jnp.sin(conv(fn, w)))
     backward = jax.grad(partial(loss, layers.cpu_conv))
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(backward)(w))
     np.testing.assert_allclose(backward(w), jax.grad(partial(loss, jax.lax.conv_general_dilated))(w),
