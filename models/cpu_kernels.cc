@@ -450,9 +450,12 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
         const float* xb = xp + b * h * wi;
         const float* xs = padded(xb, h, wi, 1, pt, pl, rows, wq + kw - 1, scratch);
         const float* db = dp + b * ho * wo * co;
-        for (int64_t r = 0; r < ho; ++r)
-          for (int64_t q = 0; q < wo; ++q)
-            for (int64_t o = 0; o < co; ++o) dy_wide[(o * ho + r) * wq + q] = db[(r * wo + q) * co + o];
+        for (int64_t o = 0; o < co; ++o)
+          for (int64_t r = 0; r < ho; ++r) {
+            float* dq = dy_wide.data() + (o * ho + r) * wq;
+            const float* dr = db + r * wo * co + o;
+            for (int64_t q = 0; q < wo; ++q) dq[q] = dr[q * co];
+          }
         pixel_weight_grad_kw(kw, xs, xs == xb ? wi : wq + kw - 1, dy_wide.data(), ho, wq, kh, co, vsum.data());
       }
       for (int64_t t = 0; t < kh * kw; ++t)
