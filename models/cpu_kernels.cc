@@ -558,6 +558,8 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // reduce_window's select-and-scatter and PyTorch do), from the window positions the forward pass records. One
 // output pixel's channels at a time, 16 to a vector (masked for the last few) where AVX-512 is there.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ARCHLAB_POOL_GROUPS 1
+constexpr int64_t kMaxPoolTaps = 4;  // pool_group's windows: at most 4 wide
 static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
   for (int64_t e = 0; e < c; e += 16) {
     __mmask16 lanes = (__mmask16)(c - e >= 16 ? 0xFFFF : (1u << (c - e)) - 1);
@@ -588,6 +590,79 @@ static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int6
         __mmask16 hit = _mm512_cmpeq_epi32_mask(pos, _mm512_set1_epi32((int)(i * k + j)));
         _mm512_mask_storeu_ps(dx + i * row + j * c + e, lanes, _mm512_maskz_mov_ps(hit, gv));
       }
+  }
+}
+
+// Fewer channels than half a vector (LeNet's first pool: 6, of which pool_pixel's vectors used 6 of 16 lanes):
+// P = 16 / c neighbouring output pixels a vector. Their windows' values of one window row, P * k * c <= 32
+// contiguous floats, are two vectors, from which one two-source permute per window column picks each tap's values.
+struct PoolGroups {
+  int64_t pixels = 0;  // P; 0 where the case does not apply
+  __m512i tap[kMaxPoolTaps];           // forward: lane (q, e) <- window value (k q + j) c + e of the row, per column j
+  __m512i lane[2], column[2];          // gradient: window value s <- lane (q, e), and the column j it belongs to
+  PoolGroups(int64_t k, int64_t c) {
+    int64_t p = c < kLanes / 2 ? kLanes / c : 0;
+    if (p < 2 || p * k * c > 2 * kLanes || k > kMaxPoolTaps) return;
+    pixels = p;
+    alignas(64) int32_t idx[2 * kLanes];
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t l = 0; l < kLanes; ++l) idx[l] = l < p * c ? (int32_t)((l / c * k + j) * c + l % c) : 0;
+      tap[j] = _mm512_load_si512(idx);
+    }
+    alignas(64) int32_t col[2 * kLanes];
+    for (int64_t s = 0; s < 2 * kLanes; ++s) {
+      bool used = s < p * k * c;
+      idx[s] = used ? (int32_t)(s / (k * c) * c + s % c) : 0;
+      col[s] = used ? (int32_t)(s / c % k) : -1;
+    }
+    for (int h = 0; h < 2; ++h) {
+      lane[h] = _mm512_load_si512(idx + h * kLanes);
+      column[h] = _mm512_load_si512(col + h * kLanes);
+    }
+  }
+};
+
+static inline __mmask16 first(int64_t n) {
+  return (__mmask16)(n >= kLanes ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+
+// np <= P output pixels from x at their first window's top left.
+static void pool_group(const float* x, int64_t row, int64_t k, int64_t c, int64_t np, const PoolGroups& g,
+                       float* y, uint8_t* where) {
+  int64_t span = np * k * c;
+  __m512 best = _mm512_setzero_ps();
+  __m512i pos = _mm512_setzero_si512();
+  for (int64_t i = 0; i < k; ++i) {
+    __m512 lo = _mm512_maskz_loadu_ps(first(span), x + i * row);
+    __m512 hi = _mm512_maskz_loadu_ps(first(span - kLanes), x + i * row + kLanes);
+    for (int64_t j = 0; j < k; ++j) {
+      __m512 v = _mm512_permutex2var_ps(lo, g.tap[j], hi);
+      if (i == 0 && j == 0) {
+        best = v;
+        continue;
+      }
+      __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) |
+                       (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) & _mm512_cmp_ps_mask(best, best, _CMP_ORD_Q));
+      best = _mm512_mask_blend_ps(take, best, v);
+      pos = _mm512_mask_blend_epi32(take, pos, _mm512_set1_epi32((int)(i * k + j)));
+    }
+  }
+  _mm512_mask_storeu_ps(y, first(np * c), best);
+  _mm_mask_storeu_epi8(where, first(np * c), _mm512_cvtepi32_epi8(pos));
+}
+
+static void unpool_group(const float* gy, const uint8_t* where, int64_t row, int64_t k, int64_t c, int64_t np,
+                         const PoolGroups& g, float* dx) {
+  int64_t span = np * k * c;
+  __m512 gv = _mm512_maskz_loadu_ps(first(np * c), gy);
+  __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(first(np * c), where));
+  for (int h = 0; h < 2 && h * kLanes < span; ++h) {
+    __m512 value = _mm512_permutexvar_ps(g.lane[h], gv);
+    __m512i tap = _mm512_permutexvar_epi32(g.lane[h], pos);
+    for (int64_t i = 0; i < k; ++i) {
+      __mmask16 hit = _mm512_cmpeq_epi32_mask(tap, _mm512_add_epi32(g.column[h], _mm512_set1_epi32((int)(i * k))));
+      _mm512_mask_storeu_ps(dx + i * row + h * kLanes, first(span - h * kLanes), _mm512_maskz_mov_ps(hit, value));
+    }
   }
 }
 #else
@@ -623,6 +698,21 @@ static ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   const float* xp = x.typed_data();
   float* yp = y->typed_data();
   uint8_t* wp = where->typed_data();
+#ifdef ARCHLAB_POOL_GROUPS
+  auto groups = std::make_shared<PoolGroups>(k, c);
+  if (groups->pixels) {
+    int64_t P = groups->pixels;
+    parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+      for (int64_t r = 0; r < ho; ++r)
+        for (int64_t q = 0; q < wo; q += P) {
+          int64_t o = ((b * ho + r) * wo + q) * c;
+          pool_group(xp + ((b * h + r * k) * wi + q * k) * c, wi * c, k, c, std::min(P, wo - q), *groups, yp + o,
+                     wp + o);
+        }
+    });
+    return ffi::Error::Success();
+  }
+#endif
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
     for (int64_t r = 0; r < ho; ++r)
       for (int64_t q = 0; q < wo; ++q) {
@@ -640,9 +730,21 @@ static ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
   const float* dp = dy.typed_data();
   const uint8_t* wp = where.typed_data();
   float* xp = dx->typed_data();
+#ifdef ARCHLAB_POOL_GROUPS
+  auto groups = std::make_shared<PoolGroups>(k, c);
+#endif
   parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
     float* xb = xp + b * h * wi * c;
     for (int64_t r = 0; r < ho; ++r) {
+#ifdef ARCHLAB_POOL_GROUPS
+      if (groups->pixels) {
+        for (int64_t q = 0; q < wo; q += groups->pixels) {
+          int64_t o = ((b * ho + r) * wo + q) * c;
+          unpool_group(dp + o, wp + o, wi * c, k, c, std::min(groups->pixels, wo - q), *groups,
+                       xb + (r * k * wi + q * k) * c);
+        }
+      } else
+#endif
       for (int64_t q = 0; q < wo; ++q) {
         int64_t o = ((b * ho + r) * wo + q) * c;
         unpool_pixel(dp + o, wp + o, wi * c, k, c, xb + (r * k * wi + q * k) * c);

@@ -429,7 +429,9 @@ def test_cpu_conv_keeps_bfloat16_and_other_ranks():
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda v: conv1d(v))(jnp.ones((2, 7, 2))))
 
 
-@pytest.mark.parametrize("shape, window", [((2, 24, 24, 6), 2), ((1, 9, 7, 20), 2), ((2, 9, 9, 1), 3)])
+@pytest.mark.parametrize("shape, window", [((2, 24, 24, 6), 2), ((1, 9, 7, 20), 2), ((2, 9, 9, 1), 3),
+                                           # few channels: 16 // c pixels a vector, a partial last group, edges
+                                           ((2, 9, 11, 3), 2), ((1, 8, 22, 1), 2), ((2, 6, 10, 7), 2)])
 def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_kernels):
     """archlab's CPU kernel and the reshape-and-max agree on values and, without ties, on gradients; with ties the
     kernel gives the whole gradient to the first maximum of each window, as select-and-scatter does."""
