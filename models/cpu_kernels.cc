@@ -135,8 +135,7 @@ static void pixel_forward_row(const float* xr, int64_t xrow, const float* w, int
       __m512 out = _mm512_setzero_ps();
       for (int o = 0; o < CO; ++o)
         out = _mm512_mask_permutexvar_ps(out, il.mask[v * CO + o], il.index[v * CO + o], acc[o]);
-      int n = (int)std::min<int64_t>(kLanes, values - v * kLanes);
-      _mm512_mask_storeu_ps(y + q * CO + v * kLanes, (__mmask16)((1u << n) - 1), out);
+      store(y + q * CO + v * kLanes, (vec)out, (int)std::min<int64_t>(kLanes, values - v * kLanes));
     }
   }
 }
@@ -562,7 +561,7 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 constexpr int64_t kMaxPoolTaps = 4;  // pool_group's windows: at most 4 wide
 static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
   for (int64_t e = 0; e < c; e += 16) {
-    __mmask16 lanes = (__mmask16)(c - e >= 16 ? 0xFFFF : (1u << (c - e)) - 1);
+    __mmask16 lanes = first_lanes(c - e);
     __m512 best = _mm512_maskz_loadu_ps(lanes, x + e);
     __m512i pos = _mm512_setzero_si512();
     for (int64_t i = 0; i < k; ++i)
@@ -582,7 +581,7 @@ static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float*
 
 static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx) {
   for (int64_t e = 0; e < c; e += 16) {
-    __mmask16 lanes = (__mmask16)(c - e >= 16 ? 0xFFFF : (1u << (c - e)) - 1);
+    __mmask16 lanes = first_lanes(c - e);
     __m512 gv = _mm512_maskz_loadu_ps(lanes, g + e);
     __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, where + e));
     for (int64_t i = 0; i < k; ++i)
@@ -622,10 +621,6 @@ struct PoolGroups {
   }
 };
 
-static inline __mmask16 first(int64_t n) {
-  return (__mmask16)(n >= kLanes ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
-}
-
 // np <= P output pixels from x at their first window's top left.
 static void pool_group(const float* x, int64_t row, int64_t k, int64_t c, int64_t np, const PoolGroups& g,
                        float* y, uint8_t* where) {
@@ -633,8 +628,8 @@ static void pool_group(const float* x, int64_t row, int64_t k, int64_t c, int64_
   __m512 best = _mm512_setzero_ps();
   __m512i pos = _mm512_setzero_si512();
   for (int64_t i = 0; i < k; ++i) {
-    __m512 lo = _mm512_maskz_loadu_ps(first(span), x + i * row);
-    __m512 hi = _mm512_maskz_loadu_ps(first(span - kLanes), x + i * row + kLanes);
+    __m512 lo = _mm512_maskz_loadu_ps(first_lanes(span), x + i * row);
+    __m512 hi = _mm512_maskz_loadu_ps(first_lanes(span - kLanes), x + i * row + kLanes);
     for (int64_t j = 0; j < k; ++j) {
       __m512 v = _mm512_permutex2var_ps(lo, g.tap[j], hi);
       if (i == 0 && j == 0) {
@@ -647,21 +642,22 @@ static void pool_group(const float* x, int64_t row, int64_t k, int64_t c, int64_
       pos = _mm512_mask_blend_epi32(take, pos, _mm512_set1_epi32((int)(i * k + j)));
     }
   }
-  _mm512_mask_storeu_ps(y, first(np * c), best);
-  _mm_mask_storeu_epi8(where, first(np * c), _mm512_cvtepi32_epi8(pos));
+  _mm512_mask_storeu_ps(y, first_lanes(np * c), best);
+  _mm_mask_storeu_epi8(where, first_lanes(np * c), _mm512_cvtepi32_epi8(pos));
 }
 
 static void unpool_group(const float* gy, const uint8_t* where, int64_t row, int64_t k, int64_t c, int64_t np,
                          const PoolGroups& g, float* dx) {
   int64_t span = np * k * c;
-  __m512 gv = _mm512_maskz_loadu_ps(first(np * c), gy);
-  __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(first(np * c), where));
+  __m512 gv = _mm512_maskz_loadu_ps(first_lanes(np * c), gy);
+  __m512i pos = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(first_lanes(np * c), where));
   for (int h = 0; h < 2 && h * kLanes < span; ++h) {
     __m512 value = _mm512_permutexvar_ps(g.lane[h], gv);
     __m512i tap = _mm512_permutexvar_epi32(g.lane[h], pos);
     for (int64_t i = 0; i < k; ++i) {
       __mmask16 hit = _mm512_cmpeq_epi32_mask(tap, _mm512_add_epi32(g.column[h], _mm512_set1_epi32((int)(i * k))));
-      _mm512_mask_storeu_ps(dx + i * row + h * kLanes, first(span - h * kLanes), _mm512_maskz_mov_ps(hit, value));
+      _mm512_mask_storeu_ps(dx + i * row + h * kLanes, first_lanes(span - h * kLanes),
+                            _mm512_maskz_mov_ps(hit, value));
     }
   }
 }

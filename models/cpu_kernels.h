@@ -52,6 +52,13 @@ struct CacheLineAllocator {
 };
 using Floats = std::vector<float, CacheLineAllocator<float>>;
 
+#ifdef __AVX512F__
+// The mask of a vector's first n lanes (none for n <= 0, all for n >= 16).
+static inline __mmask16 first_lanes(int64_t n) {
+  return (__mmask16)(n >= kLanes ? 0xFFFF : n <= 0 ? 0 : (1u << n) - 1);
+}
+#endif
+
 // Stores the first n lanes of v at p.
 static inline void store(float* p, vec v, int n) {
   if (n == kLanes) {
@@ -59,7 +66,7 @@ static inline void store(float* p, vec v, int n) {
     return;
   }
 #ifdef __AVX512F__
-  _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)v);
+  _mm512_mask_storeu_ps(p, first_lanes(n), (__m512)v);
 #else
   for (int l = 0; l < n; ++l) p[l] = v[l];
 #endif
