@@ -332,19 +332,53 @@ def cpu_kernels_apply(*arrays: jax.Array) -> bool:
             and jax.device_count() == 1 and cpu_kernels.available())
 
 
-def max_pool(x: jax.Array, window: int) -> jax.Array:
-    """Max over non-overlapping window x window patches of (B, H, W, C), as nnx.max_pool with stride = window.
+def max_pool(x: jax.Array, window: int, stride: int | None = None, padding: int = 0) -> jax.Array:
+    """Max over window x window patches of (B, H, W, C) at `stride` (default `window`: non-overlapping), with
+    `padding` pixels on each side that never win; as `nnx.max_pool` (VALID, or its padding given in pixels).
 
-    On CPU, archlab's kernel, whose gradient goes to each window's first maximum (as PyTorch's and
-    select-and-scatter's): the max below splits it among ties, which XLA runs as a YNNPACK tie count, LeNet's
-    largest kernel (1 of its 5.5 thread-ms a step). Else a reshape and a max instead of `reduce_window`, whose
-    gradient (select-and-scatter) XLA's CPU backend runs as iotas, a concatenate and a scatter (1.15x).
+    Non-overlapping windows, on CPU: archlab's kernel, whose gradient goes to each window's first maximum (as
+    PyTorch's and select-and-scatter's): the max below splits it among ties, which XLA runs as a YNNPACK tie count,
+    LeNet's largest kernel (1 of its 5.5 thread-ms a step). Else a reshape and a max instead of `reduce_window`,
+    whose gradient (select-and-scatter) XLA's CPU backend runs as iotas, a concatenate and a scatter (1.15x).
+    Overlapping windows (ResNet's 3x3/2 stem pool), on CPU: `_tap_max_pool`.
     """
+    stride = window if stride is None else stride
+    if stride != window or padding:
+        if jax.default_backend() == "cpu":
+            return _tap_max_pool(x, window, stride, padding)
+        return nnx.max_pool(x, (window, window), strides=(stride, stride), padding=((padding, padding),) * 2)
     if x.ndim == 4 and window <= cpu_kernels.MAX_WINDOW and cpu_kernels_apply(x):
         return _kernel_max_pool(x, window)
     b, h, w, c = x.shape
     h, w = h - h % window, w - w % window  # VALID: a partial window at the edge is dropped
     return x[:, :h, :w].reshape(b, h // window, window, w // window, window, c).max(axis=(2, 4))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _tap_max_pool(x: jax.Array, window: int, stride: int, padding: int) -> jax.Array:
+    """Max pooling as the running maximum of the windows' strided taps, its gradient to each window's first
+    maximum (a NaN wins, as in the kernel) through the recorded tap: XLA's `reduce_window` and select-and-scatter
+    took ~20 ms of ResNet-18's 114 ms step at 64x64 on CPU."""
+    return _tap_max_pool_fwd(x, window, stride, padding)[0]
+
+
+def _tap_max_pool_fwd(x, window, stride, padding):
+    pads = ((padding, padding),) * 2
+    taps = _window_taps(x, window, window, (stride, stride), pads, pad_value=-jnp.inf)
+    best, where = taps[0], jnp.zeros(taps[0].shape, jnp.uint8)
+    for t, v in enumerate(taps[1:], 1):
+        take = (v > best) | (jnp.isnan(v) & ~jnp.isnan(best))
+        best, where = jnp.where(take, v, best), jnp.where(take, jnp.uint8(t), where)
+    return best, (where, x.shape)
+
+
+def _tap_max_pool_bwd(window, stride, padding, residuals, dy):
+    where, shape = residuals
+    taps = [jnp.where(where == t, dy, jnp.zeros_like(dy)) for t in range(window * window)]
+    return (_add_taps_back(taps, shape, window, window, (stride, stride), ((padding, padding),) * 2),)
+
+
+_tap_max_pool.defvjp(_tap_max_pool_fwd, _tap_max_pool_bwd)
 
 
 def activation_max_pool(x: jax.Array, act: Callable[[jax.Array], jax.Array], window: int) -> jax.Array:
@@ -437,7 +471,8 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
     faster on CPU; other backends, dilations, groups, layouts other than NHWC and ranks other than 2-D go to lax.
 
     - Where `cpu_kernels_apply` (fp32, one device): archlab's own kernels (models/cpu_kernels.py), forward,
-      input and weight gradient each 2-5x XLA's per op (README, Performance). Without them (no C++ compiler,
+      input and weight gradient each 2-5x XLA's per op (README, Performance); layers with large weights and few
+      output pixels as one matmul of their patches instead (`_matmul_conv`). Without them (no C++ compiler,
       `runtime.cpu_kernels=false`, a sharded step), XLA's, helped as follows.
     - Few input channels, stride 1 (LeNet's conv1, a CIFAR stem): XLA's CPU convolutions (Eigen) vectorise over
       channels and waste most of each vector on 1 to 8 of them. A 1- or 3-channel forward runs 3-7x faster as
@@ -460,6 +495,8 @@ def cpu_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, lhs_dilati
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     padding = tuple(tuple(p) for p in padding)
     if cpu_kernels_apply(lhs, rhs):
+        if _matmul_pays(lhs.shape, rhs.shape, strides, padding):
+            return _matmul_conv(lhs, rhs, strides, padding)
         return _kernel_conv(lhs, rhs, strides, padding)
     if rhs.shape[2] > FEW_CHANNELS or strides != (1, 1):
         return _materialized_grad_conv(lhs, rhs, strides, padding, precision)
@@ -515,6 +552,78 @@ def _kernel_conv_bwd(strides, padding, residuals, dy):
 
 
 _kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
+
+
+# The direct kernels read a layer's weights once per output row of each image, from memory once they outgrow the
+# cores' L2 (1 MiB here): ResNet-18's 3x3 512 -> 512 layers on 2x2 pixels ran at 80-100 GFLOP/s. A matmul of the
+# batch's patches (YNNPACK's, blocked for cache) reads them once: 3-4x faster there, 1.5x for 4x4 pixels at 256
+# channels and for 1x1 layers of 4 MiB, slower at 7x7 pixels and up for a 3x3 layer (building its patches costs more).
+MATMUL_WEIGHT_BYTES = 1 << 20
+MATMUL_MAX_PIXELS = 16  # output pixels an image, for layers wider than 1x1
+
+
+def _matmul_pays(x_shape, w_shape, strides, padding) -> bool:
+    """Whether `_matmul_conv` beats the direct kernels for this layer (measured per op, README Performance)."""
+    kh, kw, c, d = w_shape
+    if 4 * kh * kw * c * d < MATMUL_WEIGHT_BYTES:
+        return False
+    _, ho, wo, _ = lax.conv_general_shape_tuple(x_shape, w_shape, strides, padding, NHWC)
+    return kh * kw == 1 or ho * wo <= MATMUL_MAX_PIXELS
+
+
+def _window_taps(x: jax.Array, kh: int, kw: int, strides, padding, pad_value: float = 0.0) -> list[jax.Array]:
+    """The kh * kw taps of every output pixel's window, each (N, Ho, Wo, C), in (i, j) order."""
+    (pt, pb), (pl, pr) = padding
+    xp = lax.pad(x, jnp.array(pad_value, x.dtype), ((0, 0, 0), (pt, pb, 0), (pl, pr, 0), (0, 0, 0)))
+    n, hp, wp, c = xp.shape
+    ho, wo = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
+    return [lax.slice(xp, (0, i, j, 0), (n, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, c),
+                      (1, *strides, 1)) for i in range(kh) for j in range(kw)]
+
+
+def _add_taps_back(taps: list[jax.Array], x_shape, kh: int, kw: int, strides, padding) -> jax.Array:
+    """The transpose of `_window_taps`: each tap's values added where they were read from (col2im)."""
+    (pt, pb), (pl, pr) = padding
+    _, ho, wo, _ = taps[0].shape
+    hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
+    dxp = sum(lax.pad(t, jnp.array(0, t.dtype), ((0, 0, 0), (i, hp - i - strides[0] * (ho - 1) - 1, strides[0] - 1),
+                                                 (j, wp - j - strides[1] * (wo - 1) - 1, strides[1] - 1), (0, 0, 0)))
+              for t, (i, j) in zip(taps, [(i, j) for i in range(kh) for j in range(kw)]))
+    return lax.pad(dxp, jnp.array(0, dxp.dtype), ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+
+
+def _patches(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
+    """(N, H, W, C) -> (N, Ho, Wo, kh * kw * C): each output pixel's window, in the weights' (kh, kw, C) order."""
+    taps = _window_taps(x, kh, kw, strides, padding)
+    n, ho, wo, c = taps[0].shape
+    return jnp.stack(taps, axis=3).reshape(n, ho, wo, kh * kw * c)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_conv(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    """The convolution as patches @ W (im2col): XLA's matmul forward and for the input gradient, archlab's dense
+    weight-gradient kernel for W's."""
+    kh, kw, c, d = w.shape
+    return _patches(x, kh, kw, strides, padding) @ w.reshape(kh * kw * c, d)
+
+
+def _matmul_conv_fwd(x, w, strides, padding):
+    return _matmul_conv(x, w, strides, padding), (x, w)
+
+
+def _matmul_conv_bwd(strides, padding, residuals, dy):
+    x, w = residuals
+    kh, kw, c, d = w.shape
+    w2 = w.reshape(kh * kw * c, d)
+    patches = _patches(x, kh, kw, strides, padding)  # recomputed: cheaper than keeping them
+    dp = (dy @ w2.T).reshape(*dy.shape[:3], kh * kw, c)
+    dx = _add_taps_back([dp[:, :, :, t] for t in range(kh * kw)], x.shape, kh, kw, strides, padding)
+    rows, cols = patches.reshape(-1, kh * kw * c), dy.reshape(-1, d)
+    dw = cpu_kernels.dense_weight_grad(rows, cols) if d % cpu_kernels.DENSE_WIDTH == 0 else rows.T @ cols
+    return dx, dw.reshape(w.shape)
+
+
+_matmul_conv.defvjp(_matmul_conv_fwd, _matmul_conv_bwd)
 
 
 def _col2im_input_grad(dy: jax.Array, w: jax.Array) -> jax.Array:

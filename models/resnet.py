@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import BatchNorm, cpu_conv, cpu_dot
+from models.layers import BatchNorm, cpu_conv, cpu_dot, max_pool
 
 # He et al. initialise convolutions with N(0, 2 / fan_out) (torchvision: kaiming_normal_, mode="fan_out").
 conv_init = nnx.with_partitioning(
@@ -102,7 +102,7 @@ class Stem(nnx.Module):
         x = nnx.relu(self.norm(self.conv(x)))
         if self.kind == "imagenet":
             # (B, H/2, W/2, C) -> (B, H/4, W/4, C)
-            x = nnx.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            x = max_pool(x, 3, stride=2, padding=1)
         return x
 
 

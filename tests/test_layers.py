@@ -449,6 +449,73 @@ def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_ke
         np.testing.assert_allclose(jnp.sum(jax.grad(pooled)(ties)), jnp.sum(grad_ref(ties)), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape, window, stride, padding", [
+    ((2, 9, 9, 3), 3, 2, 1),     # ResNet's stem pool: 3x3, stride 2, one pixel of padding
+    ((2, 8, 7, 20), 3, 2, 1),    # an odd width: the last window's right column is padding
+    ((1, 10, 10, 5), 2, 1, 0),   # overlapping without padding
+    ((1, 6, 6, 2), 4, 2, 2),     # padding wider than the stride
+])
+def test_overlapping_max_pool_equals_nnx_max_pool_with_ties_to_the_first_maximum(shape, window, stride, padding):
+    """Windows that overlap take the max of their strided taps on CPU (no reduce_window, no select-and-scatter),
+    with the values of nnx.max_pool and, ties included, its gradient: each window's to its first maximum, the
+    overlaps' shares added."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    pads = ((padding, padding),) * 2
+    want = nnx.max_pool(x, (window, window), (stride, stride), pads)
+    weights = jax.random.normal(jax.random.key(1), want.shape)
+    pooled = lambda v: jnp.sum(layers.max_pool(v, window, stride=stride, padding=padding) * weights)
+    reference = lambda v: jnp.sum(nnx.max_pool(v, (window, window), (stride, stride), pads) * weights)
+    np.testing.assert_array_equal(jax.jit(lambda v: layers.max_pool(v, window, stride, padding))(x), want)
+    for v in (x, jnp.round(x)):  # the second with many tied windows
+        np.testing.assert_allclose(jax.jit(jax.grad(pooled))(v), jax.grad(reference)(v), rtol=1e-6, atol=1e-6)
+    backward = str(jax.make_jaxpr(jax.grad(pooled))(x))
+    assert "reduce_window" not in backward and "select_and_scatter" not in backward
+    nan = x.at[0, 1, 1, 0].set(jnp.nan)  # a NaN wins its windows, as in nnx's pool
+    np.testing.assert_array_equal(jnp.isnan(layers.max_pool(nan, window, stride, padding)),
+                                  jnp.isnan(nnx.max_pool(nan, (window, window), (stride, stride), pads)))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding", [
+    ((2, 2, 2, 512), (3, 3, 512, 512), 1, "SAME"),             # ResNet-18's last stage at 64x64
+    ((2, 4, 4, 256), (3, 3, 256, 512), 2, [(1, 1), (1, 1)]),    # its strided first block
+    ((3, 5, 4, 200), (3, 3, 200, 208), (3, 2), [(0, 2), (1, 0)]),  # strides and asymmetric padding
+    ((2, 4, 4, 256), (3, 3, 256, 130), 1, [(2, 0), (-1, 1)]),   # cropping, and a width no dense kernel takes
+    ((2, 5, 5, 512), (1, 1, 512, 512), 1, "VALID"),             # a 1x1 layer of 1 MiB: a plain matmul
+    ((2, 6, 5, 512), (1, 1, 512, 1024), 2, "VALID"),            # ResNet's projection shortcut
+])
+def test_cpu_conv_with_large_weights_and_few_pixels_is_a_patch_matmul(x_shape, w_shape, stride, padding):
+    """A layer whose weights outgrow the direct kernels' cache and whose images have few output pixels runs as
+    patches @ W (`layers._matmul_conv`): values and gradients as lax's convolution."""
+    strides = (stride, stride) if isinstance(stride, int) else stride
+    pads = jax.lax.padtype_to_pads(x_shape[1:3], w_shape[:2], strides, padding) if isinstance(padding, str) else padding
+    assert layers._matmul_pays(x_shape, w_shape, strides, tuple(map(tuple, pads)))
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    w = jax.random.normal(jax.random.key(1), w_shape) * w_shape[0] ** -1 * w_shape[2] ** -0.5
+    fast = lambda x, w: layers.cpu_conv(x, w, strides, padding, dimension_numbers=layers.NHWC)
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=layers.NHWC)
+    np.testing.assert_allclose(jax.jit(fast)(x, w), plain(x, w), rtol=1e-4, atol=1e-4)
+    loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
+    for got, want in zip(jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(x, w), jax.grad(loss(plain), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    backward = str(jax.make_jaxpr(jax.grad(loss(fast), argnums=(0, 1)))(x, w))
+    assert "archlab_conv" not in backward
+    assert ("archlab_dense_weight_grad" in backward) == (w_shape[3] % cpu_kernels.DENSE_WIDTH == 0)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, matmul", [
+    ((32, 2, 2, 512), (3, 3, 512, 512), 1, True),    # ResNet-18 at 64x64: 9 MiB of weights on 2x2 pixels
+    ((32, 4, 4, 256), (3, 3, 256, 256), 1, True),    # 2.25 MiB on 4x4
+    ((32, 8, 8, 128), (3, 3, 128, 128), 1, False),   # 8x8 pixels fill the direct kernel's blocks
+    ((32, 7, 7, 512), (3, 3, 512, 512), 1, False),   # 7x7: the patches would cost more than they save
+    ((32, 7, 7, 2048), (1, 1, 2048, 512), 1, True),  # ResNet-50's 1x1 layers of 1 MiB and more
+    ((128, 7, 7, 64), (3, 3, 64, 64), 1, False),     # ResNet-20: every layer stays on the direct kernels
+    ((128, 28, 28, 16), (1, 1, 16, 32), 2, False),
+])
+def test_which_convolutions_take_the_patch_matmul(x_shape, w_shape, stride, matmul):
+    pad = w_shape[0] // 2
+    assert layers._matmul_pays(x_shape, w_shape, (stride, stride), ((pad, pad), (pad, pad))) == matmul
+
+
 def test_flops_count_the_cpu_kernels_convolutions():
     """XLA's cost analysis cannot see into a custom call: train/flops.py adds the kernels' convolutions, full
     windows as PyTorch's FlopCounterMode counts them (XLA's own count of its convolutions leaves out the taps
