@@ -40,6 +40,9 @@ SUITE: dict[str, list[str]] = {
     "mlp": ["model=mlp", "data=digits"],
     "lenet": ["model=lenet", "data=digits"],
     "resnet20": ["model=resnet20", "data=digits", "optim=sgd"],
+    # ImageNet's ResNet-18 (7x7/2 stem, 3x3/2 max pool, 64-512 channels) on 64x64 images, as for Tiny ImageNet
+    "resnet18": ["model=resnet18", "data=random_images", "data.image_size=64", "data.num_classes=10",
+                 "trainer.batch_size=32", "optim=sgd"],
     "vit_tiny": ["model=vit_tiny", "data=digits"],
     "gpt_small": ["model=gpt", "data=bytes", "data.seq_len=64", "trainer.batch_size=12"],
     "gpt_char": ["model=gpt", "data=bytes", "data.seq_len=256", "model.num_layers=6", "model.d_model=384",

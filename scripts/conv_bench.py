@@ -44,7 +44,8 @@ NORM_OPS = ("statistics",)
 # (name, height = width, in channels, out channels, kernel, stride, padding)
 LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
           ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
-          ("lenet conv2", 12, 6, 16, 5, 1, 0), ("lenet conv1", 28, 1, 6, 5, 1, 0)]
+          ("lenet conv2", 12, 6, 16, 5, 1, 0), ("lenet conv1", 28, 1, 6, 5, 1, 0),
+          ("resnet18 stage 3 at 64x64", 4, 256, 256, 3, 1, 1), ("resnet18 stage 4 at 64x64", 2, 512, 512, 3, 1, 1)]
 # (name, rows of x = batch x positions, in features, out features): the bench suite's steps, whatever --batch says
 DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), ("gpt d384 attention projection",
           2048, 384, 384), ("vit_tiny qkv projection", 2176, 64, 64), ("vit_tiny fc1", 2176, 64, 128),

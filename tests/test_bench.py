@@ -34,8 +34,8 @@ def test_bench_names_an_unknown_entry():
     proc = run_cli(["gpt3"], module="scripts/bench.py", check=False)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        "error: bench entry 'gpt3' is not in the suite (valid: mlp, lenet, resnet20, vit_tiny, gpt_small, gpt_char, "
-        "mamba, simba, transformer)"]
+        "error: bench entry 'gpt3' is not in the suite (valid: mlp, lenet, resnet20, resnet18, vit_tiny, gpt_small, "
+        "gpt_char, mamba, simba, transformer)"]
 
 
 def test_bench_names_an_unwritable_out_before_it_starts(tmp_path):

@@ -23,6 +23,7 @@ SUITE = {
     "mlp": ["model=mlp", "data=digits"],
     "lenet": ["model=lenet", "data=digits"],
     "resnet20": ["model=resnet20", "data=digits", "optim=sgd"],
+    "resnet18": ["model=resnet18", "data=random_images", "data.image_size=64", "data.num_classes=10", "optim=sgd"],
     "vit_tiny": ["model=vit_tiny", "data=digits"],
     "gpt_small": ["model=gpt", "data=bytes", "data.seq_len=64"],
     "gpt_char": ["model=gpt", "data=bytes", "data.seq_len=256", "model.num_layers=6", "model.d_model=384",
