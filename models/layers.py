@@ -557,18 +557,20 @@ _kernel_conv.defvjp(_kernel_conv_fwd, _kernel_conv_bwd)
 # The direct kernels read a layer's weights once per output row of each image, from memory once they outgrow the
 # cores' L2 (1 MiB here): ResNet-18's 3x3 512 -> 512 layers on 2x2 pixels ran at 80-100 GFLOP/s. A matmul of the
 # batch's patches (YNNPACK's, blocked for cache) reads them once: 3-4x faster there, 1.5x for 4x4 pixels at 256
-# channels and for 1x1 layers of 4 MiB, slower at 7x7 pixels and up for a 3x3 layer (building its patches costs more).
+# channels and for 1x1 layers of 4 MiB; slower for a 3x3 layer at 7x7 pixels and up (building its patches costs
+# more than it saves), and once the patches outgrow the cache (128 images of 4x4 at 256 channels, 19 MB: its
+# backward 1.4x slower, in 8 MB chunks as well).
 MATMUL_WEIGHT_BYTES = 1 << 20
 MATMUL_MAX_PIXELS = 16  # output pixels an image, for layers wider than 1x1
+MATMUL_PATCH_BYTES = 12 << 20  # the whole batch's patches
 
 
 def _matmul_pays(x_shape, w_shape, strides, padding) -> bool:
     """Whether `_matmul_conv` beats the direct kernels for this layer (measured per op, README Performance)."""
     kh, kw, c, d = w_shape
-    if 4 * kh * kw * c * d < MATMUL_WEIGHT_BYTES:
-        return False
-    _, ho, wo, _ = lax.conv_general_shape_tuple(x_shape, w_shape, strides, padding, NHWC)
-    return kh * kw == 1 or ho * wo <= MATMUL_MAX_PIXELS
+    n, ho, wo, _ = lax.conv_general_shape_tuple(x_shape, w_shape, strides, padding, NHWC)
+    return (4 * kh * kw * c * d >= MATMUL_WEIGHT_BYTES and 4 * n * ho * wo * kh * kw * c <= MATMUL_PATCH_BYTES
+            and (kh * kw == 1 or ho * wo <= MATMUL_MAX_PIXELS))
 
 
 def _window_taps(x: jax.Array, kh: int, kw: int, strides, padding, pad_value: float = 0.0) -> list[jax.Array]:
