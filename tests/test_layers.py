@@ -506,7 +506,9 @@ def test_cpu_conv_with_large_weights_and_few_pixels_is_a_patch_matmul(x_shape, w
     ((32, 2, 2, 512), (3, 3, 512, 512), 1, True),    # ResNet-18 at 64x64: 9 MiB of weights on 2x2 pixels
     ((32, 4, 4, 256), (3, 3, 256, 256), 1, True),    # 2.25 MiB on 4x4
     ((32, 8, 8, 128), (3, 3, 128, 128), 1, False),   # 8x8 pixels fill the direct kernel's blocks
-    ((32, 7, 7, 512), (3, 3, 512, 512), 1, False),   # 7x7: the patches would cost more than they save
+    ((32, 7, 7, 512), (3, 3, 512, 512), 1, False),   # 7x7: the patches would cost more than they save,
+    ((8, 7, 7, 512), (3, 3, 512, 512), 1, True),     # unless the weights are large and the patches fit in cache
+    ((8, 14, 14, 256), (3, 3, 256, 256), 1, False),
     ((8, 7, 7, 2048), (1, 1, 2048, 512), 1, True),   # ResNet-50's 1x1 layers of 1 MiB and more
     ((128, 7, 7, 64), (3, 3, 64, 64), 1, False),     # ResNet-20: every layer stays on the direct kernels
     ((128, 28, 28, 16), (1, 1, 16, 32), 2, False),
