@@ -595,10 +595,20 @@ def _add_taps_back(taps: list[jax.Array], x_shape, kh: int, kw: int, strides, pa
     (pt, pb), (pl, pr) = padding
     _, ho, wo, _ = taps[0].shape
     hp, wp = x_shape[1] + pt + pb, x_shape[2] + pl + pr
-    dxp = sum(lax.pad(t, jnp.array(0, t.dtype), ((0, 0, 0), (i, hp - i - strides[0] * (ho - 1) - 1, strides[0] - 1),
-                                                 (j, wp - j - strides[1] * (wo - 1) - 1, strides[1] - 1), (0, 0, 0)))
-              for t, (i, j) in zip(taps, [(i, j) for i in range(kh) for j in range(kw)]))
-    return lax.pad(dxp, jnp.array(0, dxp.dtype), ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+    placed = []
+    for t, tap in enumerate(taps):
+        i, j = divmod(t, kw)
+        placed.append(lax.pad(tap, jnp.array(0, tap.dtype),
+                              ((0, 0, 0), (i, hp - i - strides[0] * (ho - 1) - 1, strides[0] - 1),
+                               (j, wp - j - strides[1] * (wo - 1) - 1, strides[1] - 1), (0, 0, 0))))
+    return lax.pad(sum(placed), jnp.array(0, taps[0].dtype), ((0, 0, 0), (-pt, -pb, 0), (-pl, -pr, 0), (0, 0, 0)))
+
+
+def _matmul_input_grad(dy: jax.Array, w: jax.Array, x_shape, strides, padding) -> jax.Array:
+    """dL/dx of a convolution as dy @ W^T, each output pixel's share of its window added back where it was read."""
+    kh, kw, c, d = w.shape
+    shares = (dy @ w.reshape(kh * kw * c, d).T).reshape(*dy.shape[:3], kh * kw, c)
+    return _add_taps_back([shares[:, :, :, t] for t in range(kh * kw)], x_shape, kh, kw, strides, padding)
 
 
 def _patches(x: jax.Array, kh: int, kw: int, strides, padding) -> jax.Array:
@@ -623,10 +633,8 @@ def _matmul_conv_fwd(x, w, strides, padding):
 def _matmul_conv_bwd(strides, padding, residuals, dy):
     x, w = residuals
     kh, kw, c, d = w.shape
-    w2 = w.reshape(kh * kw * c, d)
+    dx = _matmul_input_grad(dy, w, x.shape, strides, padding)
     patches = _patches(x, kh, kw, strides, padding)  # recomputed: cheaper than keeping them
-    dp = (dy @ w2.T).reshape(*dy.shape[:3], kh * kw, c)
-    dx = _add_taps_back([dp[:, :, :, t] for t in range(kh * kw)], x.shape, kh, kw, strides, padding)
     rows, cols = patches.reshape(-1, kh * kw * c), dy.reshape(-1, d)
     dw = cpu_kernels.dense_weight_grad(rows, cols) if d % cpu_kernels.DENSE_WIDTH == 0 else rows.T @ cols
     return dx, dw.reshape(w.shape)
@@ -639,10 +647,9 @@ def _col2im_input_grad(dy: jax.Array, w: jax.Array) -> jax.Array:
     """Input gradient of a VALID stride-1 convolution as dy @ W^T, each output position's share of its window,
     summed back in place (col2im), into its own buffer: else XLA fuses the kh * kw shifted adds into the consumer
     (LeNet's max-pool gradient, 1.2x slower)."""
-    kh, kw, c, d = w.shape
-    shares = (dy.reshape(-1, d) @ w.reshape(kh * kw * c, d).T).reshape(*dy.shape[:3], kh, kw, c)
-    dx = sum(jnp.pad(shares[:, :, :, i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
-             for i in range(kh) for j in range(kw))
+    n, ho, wo, _ = dy.shape
+    kh, kw, c, _ = w.shape
+    dx = _matmul_input_grad(dy, w, (n, ho + kh - 1, wo + kw - 1, c), (1, 1), ((0, 0), (0, 0)))
     return _materialize(w, dx)[0]
 
 
