@@ -14,24 +14,11 @@ import jax
 from flax import nnx
 from omegaconf import OmegaConf
 
+from scripts.bench import SUITE
 from scripts.torch_twins import pscan, to_torch, train_loss, twin
 from train.config import compose
 from train.tasks import metric_sums
 
-# The suite scripts/bench.py runs: name -> overrides.
-SUITE = {
-    "mlp": ["model=mlp", "data=digits"],
-    "lenet": ["model=lenet", "data=digits"],
-    "resnet20": ["model=resnet20", "data=digits", "optim=sgd"],
-    "resnet18": ["model=resnet18", "data=random_images", "data.image_size=64", "data.num_classes=10", "optim=sgd"],
-    "vit_tiny": ["model=vit_tiny", "data=digits"],
-    "gpt_small": ["model=gpt", "data=bytes", "data.seq_len=64"],
-    "gpt_char": ["model=gpt", "data=bytes", "data.seq_len=256", "model.num_layers=6", "model.d_model=384",
-                 "model.num_heads=6"],
-    "mamba": ["model=mamba", "data=bytes", "data.seq_len=256"],
-    "simba": ["model=simba", "data=digits"],
-    "transformer": ["model=transformer", "data=numbers_en_fr"],
-}
 # Configurations outside the suite that take the twins' other code paths.
 VARIANTS = {
     "mamba_lti": ["model=mamba", "data=bytes", "model.selective=false"],
