@@ -794,3 +794,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabDenseWeightGrad, DenseWeightGrad,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The build's vector registers: models/layers.py leaves dense weight gradients of 128 columns and more to XLA's
+// dot where there are 16 (AVX2), since dense_block's 6 x 4-vector blocks need 32.
+extern "C" int ArchlabVectorRegisters() { return kRegisters; }

@@ -41,6 +41,7 @@ TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_gra
 
 _enabled = True
 _loaded: bool | None = None  # None: not tried yet
+_registers = 0  # the build's vector registers
 _lock = threading.Lock()
 
 
@@ -98,7 +99,7 @@ def build(path: Path) -> None:
 
 def available() -> bool:
     """Whether the kernels are switched on and loaded (building and registering them on the first call)."""
-    global _loaded
+    global _loaded, _registers
     if not _enabled:
         return False
     with _lock:
@@ -112,11 +113,17 @@ def available() -> bool:
                 lib = ctypes.cdll.LoadLibrary(str(path))
                 for name, symbol in TARGETS.items():
                     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                _registers = lib.ArchlabVectorRegisters()
                 _loaded = True
             except Exception as err:  # no compiler, a failed build: XLA's convolutions still work
                 log.warning("archlab's CPU kernels unavailable, using XLA's: %s", err)
                 _loaded = False
     return _loaded
+
+
+def vector_registers() -> int:
+    """The vector registers the kernels were built for (32 with AVX-512 or NEON, 16 with AVX2); 0 without them."""
+    return _registers if available() else 0
 
 
 def _conv(name: str, shape: tuple[int, ...], *args: jax.Array, strides, padding) -> jax.Array:

@@ -413,8 +413,9 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
     """`lax.dot_general` for `nnx.Linear(dot_general=cpu_dot)`: the same x @ W, trained faster on CPU. Where
     `cpu_kernels_apply` (fp32, one device), the weight gradient x^T dy is archlab's kernel, which reads x and dy
     as they lie; XLA hands it to Eigen with both transposed into copies first (GPT d 384 1.23x a step). Outputs of
-    a multiple of 16 take the dense kernel (dW in tiles summed in place; 1.03x more), others the 1x1
-    convolution's weight gradient over chunks of rows."""
+    a multiple of 16 take the dense kernel (dW in tiles summed in place; 1.03x more) where it pays
+    (`_dense_kernel_pays`; else XLA's dot of the 2-D rows), others the 1x1 convolution's weight gradient over
+    chunks of rows."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
             and not any(batch) and preferred_element_type is None and out_sharding is None
@@ -424,6 +425,19 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
         return _kernel_dot(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+# The dense weight-gradient kernel's register blocks are 6 rows of dW by 4 vectors where the build has 32 vector
+# registers (AVX-512, NEON) and 6 by 2 with AVX2's 16, where they ran at 0.5-0.85x XLA's dot (YNNPACK) for dy of 128
+# columns and more at 768 rows and up (GPT 6x384's 384 -> 1536 at 2048 rows: 0.58x), and at 1.3-2.2x it for 64
+# columns (Zen 3; README, Performance).
+DENSE_NARROW_COLUMNS = 128
+
+
+def _dense_kernel_pays(columns: int) -> bool:
+    """Whether a dense layer's weight gradient with dy of `columns` columns takes archlab's dense kernel."""
+    return columns % cpu_kernels.DENSE_WIDTH == 0 and (cpu_kernels.vector_registers() >= 32
+                                                        or columns < DENSE_NARROW_COLUMNS)
 
 
 def _rows_per_chunk(rows: int, width: int) -> int | None:
@@ -449,8 +463,9 @@ def _kernel_dot_fwd(x, w):
 def _kernel_dot_bwd(residuals, dy):
     x, w = residuals
     k, n = w.shape
-    if n % cpu_kernels.DENSE_WIDTH == 0:
-        return dy @ w.T, cpu_kernels.dense_weight_grad(x.reshape(-1, k), dy.reshape(-1, n))
+    if n % cpu_kernels.DENSE_WIDTH == 0:  # XLA's as one 2-D matmul (YNNPACK's); over (B, T) it was Eigen's
+        rows, cols = x.reshape(-1, k), dy.reshape(-1, n)
+        return dy @ w.T, cpu_kernels.dense_weight_grad(rows, cols) if _dense_kernel_pays(n) else rows.T @ cols
     r = _rows_per_chunk(x.size // k, n)
     dw = cpu_kernels.conv_weight_grad(x.reshape(-1, r, 1, k), dy.reshape(-1, r, 1, n), (1, 1, k, n), (1, 1),
                                       ((0, 0), (0, 0)))
@@ -636,7 +651,7 @@ def _matmul_conv_bwd(strides, padding, residuals, dy):
     dx = _matmul_input_grad(dy, w, x.shape, strides, padding)
     patches = _patches(x, kh, kw, strides, padding)  # recomputed: cheaper than keeping them
     rows, cols = patches.reshape(-1, kh * kw * c), dy.reshape(-1, d)
-    dw = cpu_kernels.dense_weight_grad(rows, cols) if d % cpu_kernels.DENSE_WIDTH == 0 else rows.T @ cols
+    dw = cpu_kernels.dense_weight_grad(rows, cols) if _dense_kernel_pays(d) else rows.T @ cols
     return dx, dw.reshape(w.shape)
 
 
