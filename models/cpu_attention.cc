@@ -1,4 +1,4 @@
-// Fused fp32 attention for XLA's CPU backend, softmax(q k^T / sqrt(Dh)) v with no mask or a causal one, forward
+// Fused fp32 attention for XLA's CPU backend, softmax(q k^T / sqrt(Dh)) v with no mask, a causal one or one over keys, forward
 // and backward, called through XLA's FFI (models/cpu_kernels.py builds and registers it; layers.dot_product_attention
 // picks it). XLA runs attention as batched dot products over (T, S) logits, the softmax between them as separate
 // passes, and the causal mask as a select over the full square (or, blocked, as einsums over query blocks with pads);
@@ -6,7 +6,10 @@
 // the values in one pass, no logits above the diagonal computed, and the backward recomputes the probabilities from
 // the forward's log-sum-exp (as FlashAttention-2), so that nothing of size T x S is stored between the passes.
 //
-// Layouts: q (B, T, H, Dh), k and v (B, S, H, Dh), o as q, lse (B, H, T); causal needs T == S.
+// Layouts: q (B, T, H, Dh), k and v (B, S, H, Dh), o as q, lse (B, H, T); causal needs T == S. The key mask
+// (B or 1, S), 1 = attend, or (1, 0) for none, is a padding mask: masked keys get probability exactly 0, and a batch
+// whose keys are all masked attends uniformly to all of them with no gradient to q or k, as XLA's select of a
+// constant logit does (layers.einsum_attention).
 #include <cmath>
 #include <utility>
 
@@ -218,14 +221,53 @@ ffi::Error check(const Shape& x) {
   return ffi::Error::Success();
 }
 
+// A batch's key mask: its row, or null where every key counts; `blank` where it masks them all.
+struct KeyMask {
+  const float* row = nullptr;
+  bool blank = false;
+};
+
+KeyMask key_mask(const ffi::Buffer<ffi::F32>& mask, const Shape& x, int64_t task) {
+  auto md = mask.dimensions();
+  if (md[1] == 0) return {};
+  const float* row = mask.typed_data() + (md[0] == 1 ? 0 : task / x.h) * x.s;
+  bool any = false;
+  for (int64_t j = 0; j < x.s && !any; ++j) any = row[j] != 0.0f;
+  return {row, !any};
+}
+
+// Before the softmax: a masked key's logit to -inf (its e^x then ~0, set to exactly 0 by `drop_masked`); a blank
+// batch's logits all to 0 (uniform probabilities).
+void mask_logits(float* row, const KeyMask& m, int64_t n) {
+  if (m.blank) std::fill(row, row + n, 0.0f);
+  else if (m.row)
+    for (int64_t j = 0; j < n; ++j)
+      if (m.row[j] == 0.0f) row[j] = -INFINITY;
+}
+
+void drop_masked(float* p, const KeyMask& m, int64_t n) {
+  if (m.row && !m.blank)
+    for (int64_t j = 0; j < n; ++j)
+      if (m.row[j] == 0.0f) p[j] = 0.0f;
+}
+
+ffi::Error check_mask(const ffi::Buffer<ffi::F32>& mask, const Shape& x) {
+  auto md = mask.dimensions();
+  if (md.size() != 2 || (md[1] != 0 && (md[1] != x.s || (md[0] != 1 && md[0] != x.b))))
+    return ffi::Error::InvalidArgument("attention: the key mask must be (B or 1, S) or (1, 0)");
+  return ffi::Error::Success();
+}
+
 struct Scratch {
   Floats kt, vt, s, dp, inverse_sums;  // inverse_sums: the forward's 1 / sum of p per query
 };
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse, int64_t causal) {
+                   ffi::Buffer<ffi::F32> mask, ffi::ResultBuffer<ffi::F32> o, ffi::ResultBuffer<ffi::F32> lse,
+                   int64_t causal) {
   Shape x = shape_of(q, k, causal);
   if (auto err = check(x); err.failure()) return err;
+  if (auto err = check_mask(mask, x); err.failure()) return err;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = o->typed_data(), *lp = lse->typed_data();
   const int64_t ld = x.ld(), sp = widen(x.s), tasks = x.b * x.h;
@@ -236,6 +278,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     w.s.resize(kQueryBlock * sp);
     w.inverse_sums.resize(kQueryBlock);
     const int64_t qoff = x.query_offset(task), koff = x.key_offset(task);
+    const KeyMask m = key_mask(mask, x, task);
     const float *qb = qp + qoff, *vb = vp + koff;
     float *ob = op + qoff, *lb = lp + task * x.t;
     transpose(kp + koff, ld, x.s, sp, x.dh, w.kt.data());
@@ -246,9 +289,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
       for (int64_t r = 0; r < rows; ++r) {  // p unnormalised: o's rows are divided by their sums below
         float* row = s + r * sp;
         const int64_t n = x.visible(i0 + r);
-        const float m = max_row(row, n) * scale, l = exp_row(row, row, n, width, scale, m);
+        mask_logits(row, m, n);
+        const float top = max_row(row, n) * scale, l = exp_row(row, row, n, width, scale, top);
+        drop_masked(row, m, n);
         w.inverse_sums[r] = 1.0f / l;
-        lb[i0 + r] = m + std::log(l);
+        lb[i0 + r] = top + std::log(l);
       }
       float* out = ob + i0 * ld;
       matmul(s, sp, 1, rows, vb, ld, x.dh, keys, out, ld, false, x.causal ? kKeys : kNone, i0);
@@ -260,11 +305,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                    ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
-                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    int64_t causal) {
+                    ffi::Buffer<ffi::F32> mask, ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk,
+                    ffi::ResultBuffer<ffi::F32> dv, int64_t causal) {
   Shape x = shape_of(q, k, causal);
   if (auto err = check(x); err.failure()) return err;
+  if (auto err = check_mask(mask, x); err.failure()) return err;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(), *op = o.typed_data();
   const float *lp = lse.typed_data(), *gp = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
@@ -277,6 +323,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     w.s.resize(kQueryBlock * sp);
     w.dp.resize(kQueryBlock * sp);
     const int64_t qoff = x.query_offset(task), koff = x.key_offset(task);
+    const KeyMask m = key_mask(mask, x, task);
     const float *qb = qp + qoff, *kb = kp + koff, *ob = op + qoff, *gb = gp + qoff, *lb = lp + task * x.t;
     float *dqb = dqp + qoff, *dkb = dkp + koff, *dvb = dvp + koff;
     transpose(kb, ld, x.s, sp, x.dh, w.kt.data());
@@ -294,12 +341,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int64_t r = 0; r < rows; ++r) {  // p from the forward's log-sum-exp; ds = p (dp - rowsum(do o)) scale
         const int64_t i = i0 + r, n = x.visible(i);
         float* row = s + r * sp;
+        mask_logits(row, m, n);
         exp_row(row, row, n, width, scale, lb[i]);
+        drop_masked(row, m, n);
         float delta = 0.0f;
         for (int64_t d = 0; d < x.dh; ++d) delta += gb[i * ld + d] * ob[i * ld + d];
         float* drow = dp + r * sp;
         for (int64_t j = 0; j < n; ++j) drow[j] = row[j] * (drow[j] - delta) * scale;
-        std::fill(drow + n, drow + width, 0.0f);
+        std::fill(m.blank ? drow : drow + n, drow + width, 0.0f);  // a blank batch's constant logits: no ds
       }
       matmul(dp, sp, 1, rows, kb, ld, x.dh, keys, dqb + i0 * ld, ld, false, x.causal ? kKeys : kNone, i0);
       const Causal queries = x.causal ? kQueries : kNone;
@@ -318,6 +367,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabAttention, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("causal"));
@@ -325,6 +375,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabAttention, Forward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ArchlabAttentionGrad, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

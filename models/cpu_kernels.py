@@ -195,21 +195,28 @@ def max_pool_grad(dy: jax.Array, where: jax.Array, x_shape, window: int) -> jax.
                             vmap_method="sequential")(dy, where, k=np.int64(window))
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool) -> tuple[jax.Array, jax.Array]:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
     """softmax(q k^T / sqrt(Dh)) v for q (B, T, H, Dh), k and v (B, S, H, Dh), and the log-sum-exp of each query's
-    logits (B, H, T), which the backward pass recomputes the probabilities from."""
+    logits (B, H, T), which the backward pass recomputes the probabilities from. `key_mask`: (B or 1, S), True =
+    attend (a padding mask; a batch with every key masked attends uniformly, as a select of a constant logit)."""
     b, t, h, _ = q.shape
     return jax.ffi.ffi_call("archlab_attention", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
-                            vmap_method="sequential")(q, k, v, causal=np.int64(causal))
+                            vmap_method="sequential")(q, k, v, _key_mask(key_mask), causal=np.int64(causal))
 
 
 def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse: jax.Array, dout: jax.Array,
-                   causal: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+                   causal: bool, key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq, dk, dv) of `attention` from its inputs, output, log-sum-exp and the output's cotangent."""
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
     return jax.ffi.ffi_call("archlab_attention_grad", shapes, vmap_method="sequential")(
-        q, k, v, out, lse, dout, causal=np.int64(causal))
+        q, k, v, _key_mask(key_mask), out, lse, dout, causal=np.int64(causal))
+
+
+def _key_mask(key_mask: jax.Array | None) -> jax.Array:
+    """The kernels' mask operand: 1.0 = attend, (B or 1, S); (1, 0) for none."""
+    return jnp.zeros((1, 0), jnp.float32) if key_mask is None else key_mask.astype(jnp.float32)
 
 
 def channel_moments(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -98,16 +98,20 @@ def test_causal_attention_on_cpu_takes_query_blocks_from_128_positions(masked, s
     (jnp.float32, False, True, 64, None, True, "cpu_fused"),     # GPT
     (jnp.float32, False, False, 16, 17, True, "cpu_fused"),      # ViT-tiny
     (jnp.float32, False, False, 32, 50, True, "cpu_fused"),      # unmasked cross-attention
+    (jnp.float32, "keys", False, 32, 56, True, "cpu_fused"),     # the Transformer's padding mask
     (jnp.float32, False, True, 64, 50, True, "einsum"),          # causal needs as many keys as queries
-    (jnp.float32, True, False, 64, None, True, "einsum"),        # an explicit mask
+    (jnp.float32, True, False, 64, None, True, "einsum"),        # an explicit mask over queries and keys
+    (jnp.float32, "keys", True, 64, None, True, "einsum"),       # a padding mask with a causal one
     (jnp.float32, False, False, 24, None, True, "einsum"),       # heads not whole vectors
     (jnp.bfloat16, False, False, 64, None, True, "einsum"),
     (jnp.float32, False, True, 64, None, False, "einsum"),       # kernels off (256 positions: blocked below)
 ])
 def test_fused_cpu_attention_choice(dtype, masked, causal, head_dim, key_len, on, kernel):
-    got = attention_kernel(dtype, masked=masked, seq_len=60, backend="cpu", causal=causal, head_dim=head_dim,
-                           key_len=key_len, cpu_kernels_on=on)[0]
+    got = attention_kernel(dtype, masked=bool(masked), seq_len=60, backend="cpu", causal=causal, head_dim=head_dim,
+                           key_len=key_len, key_masked=masked == "keys", cpu_kernels_on=on)[0]
     assert got == kernel
+    if masked == "keys":  # a padding mask stays on the plain path on GPU and TPU
+        assert attention_kernel(dtype, masked=True, seq_len=128, backend="gpu", key_masked=True)[0] == "xla"
 
 
 @pytest.mark.parametrize("batch, t, s, heads, head_dim, causal", [
@@ -152,6 +156,24 @@ def test_fused_attention_is_stable_for_large_logits_and_lets_nans_show(causal):
         want = np.zeros((2, 70, 2, 16), bool)
         want[1, 30 if arg == 0 else slice(30 if causal else 0, None), 0] = True
         np.testing.assert_array_equal(np.isnan(fused(*args)), want)
+
+
+@pytest.mark.parametrize("mask_batch", [3, 1])
+def test_fused_attention_with_a_padding_mask_equals_the_einsums(mask_batch, conv_kernels):
+    """A (B, 1, 1, S) key mask, as the Transformer's source padding: keys past each length and one inside masked,
+    and an example with every key masked (attends uniformly, no gradient to q or k, as the einsums' select)."""
+    q, dy = (jax.random.normal(jax.random.key(i), (3, 37, 2, 32)) for i in (0, 1))
+    k, v = (jax.random.normal(jax.random.key(i), (3, 50, 2, 32)) for i in (2, 3))
+    mask = (jnp.arange(50) < jnp.array([50, 20, 0])[:, None]).at[0, 7].set(False)[:mask_batch, None, None]
+    loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * dy)
+    fused = jax.jit(jax.value_and_grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask)), argnums=(0, 1, 2)))
+    plain = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))
+    got, want = fused(q, k, v), plain(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    assert ("archlab_attention_grad" in str(jax.make_jaxpr(fused)(q, k, v))) == (conv_kernels == "native")
+    dk = np.asarray(got[1][1])
+    assert (dk[0, 7] == 0).all() and (mask_batch == 1 or (dk[1, 20:] == 0).all() and (dk[2] == 0).all())
 
 
 def partial_attention(causal: bool):
@@ -632,12 +654,13 @@ x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
 sums = cpu_kernels.channel_moments(x, x)
 np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
 np.testing.assert_allclose(sums[1], (x * x).sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
-for t, causal in [(70, True), (17, False)]:
+for t, causal, padded in [(70, True, False), (17, False, False), (17, False, True)]:  # padded: 9 keys of the first
     q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, 2, 16)) for i in range(4))
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else None
+    key_mask = (jnp.arange(t) < jnp.array([9, t])[:, None])[:, None, None] if padded else None
+    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else key_mask
     loss = lambda attend: jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2))(q, k, v)
-    fused = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, causal=causal))
-    assert "archlab_attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q))(q))
+    fused = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, key_mask, causal=causal))
+    assert "archlab_attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q, key_mask))(q))
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(loss(lambda *a: layers.einsum_attention(*a, mask)))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 print("same")
