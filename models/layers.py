@@ -73,7 +73,8 @@ def attention_kernel(dtype: jnp.dtype, *, masked: bool, seq_len: int, backend: s
         if seq_len % 128:
             return "xla", f"sequence length {seq_len} is not a multiple of the kernel's 128-blocks"
         return "pallas_flash", "TPU"
-    if ((not masked or (key_masked and not causal)) and jnp.dtype(dtype) == jnp.float32 and (head_dim is None or head_dim % FUSED_HEAD_MULTIPLE == 0)
+    if ((not masked or (key_masked and not causal)) and jnp.dtype(dtype) == jnp.float32
+            and (head_dim is None or head_dim % FUSED_HEAD_MULTIPLE == 0)
             and not (causal and key_len not in (None, seq_len))
             and (cpu_kernels_apply() if cpu_kernels_on is None else cpu_kernels_on)):
         return "cpu_fused", f"{backend}: fp32, archlab's fused kernel"
@@ -471,7 +472,7 @@ def _kernel_dot_fwd(x, w):
 def _kernel_dot_bwd(residuals, dy):
     x, w = residuals
     k, n = w.shape
-    if n % cpu_kernels.DENSE_WIDTH == 0:  # XLA's as one 2-D matmul (YNNPACK's); over (B, T) it was Eigen's
+    if n % cpu_kernels.DENSE_WIDTH == 0:  # XLA's as one 2-D matmul; over (B, T) XLA made transposed copies first
         rows, cols = x.reshape(-1, k), dy.reshape(-1, n)
         return dy @ w.T, cpu_kernels.dense_weight_grad(rows, cols) if _dense_kernel_pays(n) else rows.T @ cols
     r = _rows_per_chunk(x.size // k, n)
