@@ -1,7 +1,8 @@
-// Fused fp32 attention for XLA's CPU backend, softmax(q k^T / sqrt(Dh)) v with no mask, a causal one or one over keys, forward
-// and backward, called through XLA's FFI (models/cpu_kernels.py builds and registers it; layers.dot_product_attention
-// picks it). XLA runs attention as batched dot products over (T, S) logits, the softmax between them as separate
-// passes, and the causal mask as a select over the full square (or, blocked, as einsums over query blocks with pads);
+// Fused fp32 attention for XLA's CPU backend, softmax(q k^T / sqrt(Dh)) v with no mask, a causal one or one over
+// keys, forward and backward, called through XLA's FFI (models/cpu_kernels.py builds and registers it;
+// layers.dot_product_attention picks it). XLA runs attention as batched dot products over (T, S) logits, the
+// softmax between them as separate passes, and the causal mask as a select over the full square (or, blocked, as
+// einsums over query blocks with pads);
 // here one (batch, head) at a time stays in cache: a block of queries' logits, their softmax and their product with
 // the values in one pass, no logits above the diagonal computed, and the backward recomputes the probabilities from
 // the forward's log-sum-exp (as FlashAttention-2), so that nothing of size T x S is stored between the passes.

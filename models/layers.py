@@ -106,7 +106,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                                    head_dim=q.shape[-1], key_len=k.shape[1], key_masked=key_masked)
     _announce(kernel, why)
     if kernel == "cpu_fused":
-        key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0], (mask.shape[0], k.shape[1]))
+        key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0], (mask.shape[0], k.shape[1])) != 0
         return fused_attention(q, k, v, causal, key_mask)
     if kernel == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
