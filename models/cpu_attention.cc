@@ -18,8 +18,12 @@
 
 namespace {
 
-constexpr int kCols = 4;                                 // vectors per register block
-constexpr int kRows = (kRegisters - kCols - 2) / kCols;  // and rows: 6 with AVX-512's 32 registers, 2 with AVX2's 16
+// Register blocks of c: R rows by NC vectors, beside NC vectors of b and a broadcast of a. With 32 registers 6 x 4
+// (24 multiply-adds for 10 loads); with AVX2's 16, 4 x 3 (12 for 7, where 2 x 4 did 8 for 6), a row's last
+// vectors as 6 x 2 or 8 x 1 blocks.
+constexpr int kCols = kRegisters >= 32 ? 4 : 3;
+constexpr int rows_for(int nc) { return kRegisters >= 32 ? 6 : nc >= 3 ? 4 : nc == 2 ? 6 : 8; }
+constexpr int kRows = rows_for(1);
 constexpr int64_t kQueryBlock = 64;                      // queries whose logits are held at once
 
 int64_t widen(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -32,7 +36,10 @@ void block(const float* a, int64_t ar, int64_t ad, const float* b, int64_t ldb, 
   vec acc[R][NC] = {};
   for (int64_t d = lo; d < hi; ++d) {
     vec bv[NC];
-    for (int m = 0; m < NC; ++m) bv[m] = *(const vec*)(b + d * ldb + kLanes * m);
+    for (int m = 0; m < NC; ++m) {
+      bv[m] = *(const vec*)(b + d * ldb + kLanes * m);
+      in_register(bv[m]);
+    }
     for (int r = 0; r < R; ++r) {
       float av = a[r * ar + d * ad];
       for (int m = 0; m < NC; ++m) acc[r][m] += av * bv[m];
@@ -72,10 +79,12 @@ enum Causal { kNone, kColumns, kKeys, kQueries };
 // c (rows x cols, cols a multiple of kLanes) (= or +=) a b, a's (row, d) at a[row*ar + d*ad], b rows of ldb, d < n.
 void matmul(const float* a, int64_t ar, int64_t ad, int64_t rows, const float* b, int64_t ldb, int64_t cols,
             int64_t n, float* c, int64_t ldc, bool add, Causal causal = kNone, int64_t diag = 0) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kLanes * kCols) {
-    const int tile = (int)std::min<int64_t>(kCols, (cols - c0) / kLanes);
-    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-      int nr = (int)std::min<int64_t>(kRows, rows - r0), nc = tile;
+  for (int64_t c0 = 0, tile; c0 < cols; c0 += kLanes * tile) {
+    const int64_t left = (cols - c0) / kLanes;  // 4 vectors left on AVX2 as 2 + 2, not 3 + 1
+    tile = kRegisters >= 32 || left != 4 ? std::min<int64_t>(kCols, left) : 2;
+    const int tile_rows = rows_for((int)tile);
+    for (int64_t r0 = 0; r0 < rows; r0 += tile_rows) {
+      int nr = (int)std::min<int64_t>(tile_rows, rows - r0), nc = (int)tile;
       int64_t lo = 0, hi = n;
       if (causal == kColumns) {  // the vectors up to the block's last diagonal key
         if (c0 > diag + r0 + nr - 1) continue;
@@ -174,11 +183,32 @@ void transpose16(__m512 r[16]) {
   }
   for (int i = 0; i < 16; ++i) r[i] = t[i];
 }
+#elif defined(__AVX__)
+// The same for an 8 x 8 tile: pairs of rows interleaved by 32 bits, then 64, which leaves each 128-bit half holding
+// four rows of one column; the halves are then exchanged.
+void transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {  // u[g + c]: column c of rows g..g+3, and column 4 + c in the upper half
+    u[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+    u[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xEE);
+    u[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    u[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+    r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+  }
+}
 #endif
 
 // One (batch, head)'s keys or values, transposed into dst (Dh x sp), zero past the s-th key: kLanes keys at a
 // time, whose rows stay in L1 while their columns are gathered (a column at a time over all keys: the forward
-// 1.1x slower); with AVX-512, 16 x 16 tiles transposed in registers (the forward 1.05x, the backward 1.08x faster).
+// 1.1x slower); with AVX-512, 16 x 16 tiles transposed in registers (the forward 1.05x, the backward 1.08x faster),
+// with AVX2 8 x 8 ones.
 void transpose(const float* x, int64_t ld, int64_t s, int64_t sp, int64_t dh, float* dst) {
   for (int64_t j0 = 0; j0 < sp; j0 += kLanes) {
     const int n = (int)std::min<int64_t>(kLanes, s - j0);
@@ -188,6 +218,13 @@ void transpose(const float* x, int64_t ld, int64_t s, int64_t sp, int64_t dh, fl
       for (int l = 0; l < 16; ++l) r[l] = l < n ? _mm512_loadu_ps(x + (j0 + l) * ld + d0) : _mm512_setzero_ps();
       transpose16(r);
       for (int m = 0; m < 16; ++m) _mm512_storeu_ps(dst + (d0 + m) * sp + j0, r[m]);
+    }
+#elif defined(__AVX__)
+    for (int64_t d0 = 0; d0 < dh; d0 += kLanes) {
+      __m256 r[8];
+      for (int l = 0; l < 8; ++l) r[l] = l < n ? _mm256_loadu_ps(x + (j0 + l) * ld + d0) : _mm256_setzero_ps();
+      transpose8(r);
+      for (int m = 0; m < 8; ++m) _mm256_storeu_ps(dst + (d0 + m) * sp + j0, r[m]);
     }
 #else
     for (int64_t d = 0; d < dh; ++d) {
@@ -345,8 +382,11 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         mask_logits(row, m, n);
         exp_row(row, row, n, width, scale, lb[i]);
         drop_masked(row, m, n);
+        vec products = {};
+        for (int64_t d = 0; d < x.dh; d += kLanes)
+          products += *(const vec*)(gb + i * ld + d) * *(const vec*)(ob + i * ld + d);
         float delta = 0.0f;
-        for (int64_t d = 0; d < x.dh; ++d) delta += gb[i * ld + d] * ob[i * ld + d];
+        for (int l = 0; l < kLanes; ++l) delta += products[l];
         float* drow = dp + r * sp;
         for (int64_t j = 0; j < n; ++j) drow[j] = row[j] * (drow[j] - delta) * scale;
         std::fill(m.blank ? drow : drow + n, drow + width, 0.0f);  // a blank batch's constant logits: no ds

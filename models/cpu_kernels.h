@@ -16,7 +16,7 @@
 
 namespace ffi = xla::ffi;
 
-#ifdef __AVX512F__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 
@@ -32,6 +32,16 @@ constexpr int kLanes = 4, kRegisters = 32, kAccumulators = 16;  // NEON
 constexpr int kLanes = 4, kRegisters = 16, kAccumulators = 12;  // SSE
 #endif
 typedef float vec __attribute__((vector_size(4 * kLanes), aligned(4)));  // unaligned access
+
+// Pins v to a register where it is: GCC otherwise folds a vector's load into each multiply-add that reads it, one
+// load per row of a register block, and on AVX2 (two loads a cycle) the loads, not the multiply-adds, set the pace.
+static inline void in_register(vec& v) {
+#if defined(__x86_64__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
 
 // A vector of floats on 64-byte boundaries: the kernels' buffers (padded images, packed weights, partial sums,
 // transposed keys) are read a cache line at a time, and from a plain std::vector's 16-byte-aligned start every

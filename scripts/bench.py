@@ -92,6 +92,10 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     tuning = autotune.applies(cfg.runtime, steps)
     import jax
 
+    from models import cpu_kernels
+
+    cpu_kernels.available()  # built once a machine (~30 s), then cached: not part of the first step's compile time
+
     from train import loop
     from train.writers import read_metrics
 
