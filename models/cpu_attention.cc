@@ -23,7 +23,7 @@ namespace {
 // vectors as 6 x 2 or 8 x 1 blocks.
 constexpr int kCols = kRegisters >= 32 ? 4 : 3;
 constexpr int rows_for(int nc) { return kRegisters >= 32 ? 6 : nc >= 3 ? 4 : nc == 2 ? 6 : 8; }
-constexpr int kRows = rows_for(1);
+constexpr int kMaxRows = rows_for(1);                    // the tallest block: dispatch's bound
 constexpr int64_t kQueryBlock = 64;                      // queries whose logits are held at once
 
 int64_t widen(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
@@ -97,7 +97,7 @@ void matmul(const float* a, int64_t ar, int64_t ad, int64_t rows, const float* b
           for (int r = 0; r < nr; ++r) std::memset(c + (r0 + r) * ldc + c0, 0, kLanes * nc * sizeof(float));
         continue;
       }
-      dispatch(std::make_integer_sequence<int, kRows>(), nr, nc, a + r0 * ar, ar, ad, b + c0, ldb, lo, hi,
+      dispatch(std::make_integer_sequence<int, kMaxRows>(), nr, nc, a + r0 * ar, ar, ad, b + c0, ldb, lo, hi,
                c + r0 * ldc + c0, ldc, add);
     }
   }

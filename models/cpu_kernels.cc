@@ -20,8 +20,8 @@ static int lanes(int64_t d, int64_t o, int nc) {
 static int pixels(int64_t d) { return kAccumulators / group(d); }  // output pixels per forward block
 // Where block i of a row of n pixels starts when the row is split into blocks of at most `most` as even as they go:
 // on AVX2 (6 pixels) ResNet-20's 7-pixel rows as 4 + 3, not 6 + 1, whose one-pixel block waits on each multiply-add.
-static int64_t block_start(int64_t i, int64_t n, int64_t most) { return i * n / ((n + most - 1) / most); }
 static int64_t blocks(int64_t n, int64_t most) { return (n + most - 1) / most; }
+static int64_t block_start(int64_t i, int64_t n, int64_t most) { return i * n / blocks(n, most); }
 
 // rows x d values, as rows x widen(d) with zeros after each row's d (src itself if d needs no widening).
 static const float* widened(const float* src, int64_t rows, int64_t d, Floats& out) {
