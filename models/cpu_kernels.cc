@@ -58,10 +58,12 @@ static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int6
 // contiguous values apart xrow, the next pixel's window pstride further; w at [0, o0], rows of wstride, run rows
 // per window row. BW * NC accumulators stay in registers; each x value is loaded once for NC vectors, each w
 // vector once for BW pixels. The last vector stores its first n lanes. PS > 0 is pstride known at compile time,
-// so that the BW pixels' x values are one pointer plus constant offsets (28x28x16 layers 1.1-1.2x).
+// so that the BW pixels' x values are one pointer plus constant offsets (28x28x16 layers 1.1-1.2x). Compiled on
+// its own: inlined into forward_tail's chain of blocks, GCC kept a block's accumulators on the stack (AVX2).
 template <int BW, int NC, int PS>
-static inline void forward_block(const float* xs, int64_t xrow, int64_t run, int64_t pixel_stride, const float* w,
-                                 int64_t wstride, int64_t kh, float* y, int64_t ystride, int n) {
+__attribute__((noinline)) static void forward_block(const float* xs, int64_t xrow, int64_t run, int64_t pixel_stride,
+                                                    const float* w, int64_t wstride, int64_t kh, float* y,
+                                                    int64_t ystride, int n) {
   const int64_t pstride = PS > 0 ? PS : pixel_stride;
   vec acc[BW][NC] = {};
   for (int64_t i = 0; i < kh; ++i) {
@@ -69,7 +71,10 @@ static inline void forward_block(const float* xs, int64_t xrow, int64_t run, int
     const float* wp = w + i * run * wstride;
     for (int64_t t = 0; t < run; ++t) {
       vec wv[NC];
-      for (int m = 0; m < NC; ++m) wv[m] = *(const vec*)(wp + t * wstride + kLanes * m);
+      for (int m = 0; m < NC; ++m) {
+        wv[m] = *(const vec*)(wp + t * wstride + kLanes * m);
+        in_register(wv[m]);
+      }
       for (int b = 0; b < BW; ++b) {
         float xv = xp[b * pstride + t];
         for (int m = 0; m < NC; ++m) acc[b][m] += xv * wv[m];
@@ -231,16 +236,21 @@ static inline float sum_lanes(vec v) {
 // multiply-adds than 16-lane vectors of which C are used. Only tap columns [u0, u1) of the tw, those that reach
 // dy for some of the P pixels, are summed (the others read padding).
 template <int C, int P>
-static inline void narrow_block(const float* dr, int64_t drow, int64_t co, const float* wq, int64_t th, int64_t tw,
-                                int64_t u0, int64_t u1, float* x, int64_t xstride) {
+__attribute__((noinline)) static void narrow_block(const float* dr, int64_t drow, int64_t co, const float* wq,
+                                                   int64_t th, int64_t tw, int64_t u0, int64_t u1, float* x,
+                                                   int64_t xstride) {
   vec acc[P][C] = {};
   for (int64_t o = 0; o < co; o += kLanes)
     for (int64_t t = 0; t < th; ++t)
       for (int64_t u = u0; u < u1; ++u) {
         vec wv[C];
-        for (int k = 0; k < C; ++k) wv[k] = *(const vec*)(wq + ((t * tw + u) * C + k) * co + o);
+        for (int k = 0; k < C; ++k) {
+          wv[k] = *(const vec*)(wq + ((t * tw + u) * C + k) * co + o);
+          in_register(wv[k]);
+        }
         for (int p = 0; p < P; ++p) {
           vec d = *(const vec*)(dr + t * drow + (p + u) * co + o);
+          in_register(d);
           for (int k = 0; k < C; ++k) acc[p][k] += d * wv[k];
         }
       }
