@@ -59,7 +59,7 @@ static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int6
 // per window row. BW * NC accumulators stay in registers; each x value is loaded once for NC vectors, each w
 // vector once for BW pixels. The last vector stores its first n lanes. PS > 0 is pstride known at compile time,
 // so that the BW pixels' x values are one pointer plus constant offsets (28x28x16 layers 1.1-1.2x). Compiled on
-// its own: inlined into forward_tail's chain of blocks, GCC kept a block's accumulators on the stack (AVX2).
+// its own: inlined into forward_tail's chain of blocks, with wv pinned, GCC kept a block's accumulators on the stack.
 template <int BW, int NC, int PS>
 __attribute__((noinline)) static void forward_block(const float* xs, int64_t xrow, int64_t run, int64_t pixel_stride,
                                                     const float* w, int64_t wstride, int64_t kh, float* y,
