@@ -136,9 +136,7 @@ float exp_row(float* p, const float* s, int64_t n, int64_t width, float scale, f
     *(vec*)(p + j) = e;
     sum += e;
   }
-  float total = 0.0f;
-  for (int l = 0; l < kLanes; ++l) total += sum[l];
-  return total;
+  return sum_lanes(sum);
 }
 
 float max_row(const float* s, int64_t n) {
@@ -385,8 +383,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
         vec products = {};
         for (int64_t d = 0; d < x.dh; d += kLanes)
           products += *(const vec*)(gb + i * ld + d) * *(const vec*)(ob + i * ld + d);
-        float delta = 0.0f;
-        for (int l = 0; l < kLanes; ++l) delta += products[l];
+        const float delta = sum_lanes(products);
         float* drow = dp + r * sp;
         for (int64_t j = 0; j < n; ++j) drow[j] = row[j] * (drow[j] - delta) * scale;
         std::fill(m.blank ? drow : drow + n, drow + width, 0.0f);  // a blank batch's constant logits: no ds

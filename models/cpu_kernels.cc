@@ -220,16 +220,6 @@ static Phase phase(int64_t r, int64_t s, int64_t p, int64_t k) {
   return {dmin, taps};
 }
 
-static inline float sum_lanes(vec v) {
-#ifdef __AVX512F__
-  return _mm512_reduce_add_ps((__m512)v);
-#else
-  float s = 0.0f;
-  for (int l = 0; l < kLanes; ++l) s += v[l];
-  return s;
-#endif
-}
-
 // The input gradient of a layer with fewer input channels C than a vector holds (LeNet's conv2: 6), vectorised
 // over dy's channels instead: dx[pixel, k] for P neighbouring pixels of a phase, each the lane sum of C x P
 // accumulators over the taps' dy vectors times w[tap, k, :] (packed (taps_h, taps_w, C, co)). 2.7x fewer

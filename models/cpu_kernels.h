@@ -43,6 +43,17 @@ static inline void in_register(vec& v) {
 #endif
 }
 
+// The sum of v's lanes.
+static inline float sum_lanes(vec v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps((__m512)v);
+#else
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+#endif
+}
+
 // A vector of floats on 64-byte boundaries: the kernels' buffers (padded images, packed weights, partial sums,
 // transposed keys) are read a cache line at a time, and from a plain std::vector's 16-byte-aligned start every
 // 64-byte load spans two lines. Which start malloc gave decided a process's speed: LeNet's conv2 input gradient
