@@ -12,6 +12,7 @@ files are compiled for this machine (`-march=native`) the first time they are ne
 compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py compute with XLA alone.
 """
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -38,11 +39,13 @@ TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_gra
            "archlab_max_pool_grad": "ArchlabMaxPoolGrad", "archlab_attention": "ArchlabAttention",
            "archlab_attention_grad": "ArchlabAttentionGrad",
            "archlab_channel_moments": "ArchlabChannelMoments"}
+PREFIX = "archlab_"  # the registered names above start with it; another build's with its own (`register`)
 
 _enabled = True
 _loaded: bool | None = None  # None: not tried yet
 _registers = 0  # the build's vector registers
 _lock = threading.Lock()
+_prefix = PREFIX  # the build the calls below are traced against (`tracing_with`)
 
 
 def enable(on: bool) -> None:
@@ -67,18 +70,18 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
-def library_path() -> Path:
-    """Where this machine's build of the kernels lives (built if missing)."""
+def library_path(sources: list[Path] = SOURCES) -> Path:
+    """Where this machine's build of `sources` (the kernels') lives, whether built yet or not."""
     import jaxlib
 
-    texts = [f.read_text() for f in SOURCES]
+    texts = [f.read_text() for f in sources]
     key = hashlib.sha256("\0".join([*texts, *_flags(), jaxlib.__version__, _cpu_id()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "native"
     return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
-def build(path: Path) -> None:
-    """Compile SOURCES into `path`, through a temporary file renamed into place (processes may race to build)."""
+def build(path: Path, sources: list[Path] = SOURCES) -> None:
+    """Compile `sources` into `path`, through a temporary file renamed into place (processes may race to build)."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")
@@ -86,8 +89,8 @@ def build(path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
-        sources = [str(f) for f in SOURCES if f.suffix == ".cc"]
-        cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), *sources, "-o", tmp]
+        units = [str(f) for f in sources if f.suffix == ".cc"]
+        cmd = [compiler, *_flags(), "-I", jax.ffi.include_dir(), *units, "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -105,20 +108,43 @@ def available() -> bool:
     with _lock:
         if _loaded is None:
             try:
-                import ctypes
-
                 path = library_path()
                 if not path.exists():
                     build(path)
-                lib = ctypes.cdll.LoadLibrary(str(path))
-                for name, symbol in TARGETS.items():
-                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-                _registers = lib.ArchlabVectorRegisters()
+                _registers = register(path)
                 _loaded = True
             except Exception as err:  # no compiler, a failed build: XLA's convolutions still work
                 log.warning("archlab's CPU kernels unavailable, using XLA's: %s", err)
                 _loaded = False
     return _loaded
+
+
+def register(path: Path, prefix: str = PREFIX) -> int:
+    """Load the build at `path` and register its handlers with XLA, each TARGETS name's PREFIX replaced by `prefix`
+    (another build beside this one's: scripts/conv_bench.py --against); returns the build's vector registers."""
+    import ctypes
+
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(prefix + name.removeprefix(PREFIX), jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return lib.ArchlabVectorRegisters()
+
+
+@contextlib.contextmanager
+def tracing_with(prefix: str):
+    """Kernel calls traced inside call the build registered under `prefix` (`register`) instead of this one."""
+    global _prefix
+    saved, _prefix = _prefix, prefix
+    try:
+        yield
+    finally:
+        _prefix = saved
+
+
+def target(name: str) -> str:
+    """The registered name that a call of kernel `name` (TARGETS, PREFIX dropped) traces to now."""
+    return _prefix + name
 
 
 def vector_registers() -> int:
@@ -129,7 +155,7 @@ def vector_registers() -> int:
 def _conv(name: str, shape: tuple[int, ...], *args: jax.Array, strides, padding) -> jax.Array:
     attrs = dict(sh=np.int64(strides[0]), sw=np.int64(strides[1]),
                  pt=np.int64(padding[0][0]), pl=np.int64(padding[1][0]))
-    return jax.ffi.ffi_call(f"archlab_conv_{name}", jax.ShapeDtypeStruct(shape, jnp.float32),
+    return jax.ffi.ffi_call(target(f"conv_{name}"), jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="sequential")(*args, **attrs)
 
 
@@ -154,7 +180,7 @@ DENSE_WIDTH = 16  # dense_weight_grad takes dy of a multiple of this many column
 
 def dense_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
     """x^T dy for x (M, K) and dy (M, N), N a multiple of 16: a dense layer's weight gradient."""
-    return jax.ffi.ffi_call("archlab_dense_weight_grad", jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32),
+    return jax.ffi.ffi_call(target("dense_weight_grad"), jax.ShapeDtypeStruct((x.shape[1], dy.shape[1]), jnp.float32),
                             vmap_method="sequential")(x, dy)
 
 
@@ -184,14 +210,14 @@ def max_pool(x: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
     """Max over window x window tiles of x (N, H, W, C), VALID, and where in its tile each maximum is (uint8)."""
     n, h, w, c = x.shape
     shape = (n, h // window, w // window, c)
-    return jax.ffi.ffi_call("archlab_max_pool", (jax.ShapeDtypeStruct(shape, jnp.float32),
+    return jax.ffi.ffi_call(target("max_pool"), (jax.ShapeDtypeStruct(shape, jnp.float32),
                                                  jax.ShapeDtypeStruct(shape, jnp.uint8)),
                             vmap_method="sequential")(x, k=np.int64(window))
 
 
 def max_pool_grad(dy: jax.Array, where: jax.Array, x_shape, window: int) -> jax.Array:
     """dL/dx: each tile's dL/dy to the first position of its maximum, zero elsewhere."""
-    return jax.ffi.ffi_call("archlab_max_pool_grad", jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+    return jax.ffi.ffi_call(target("max_pool_grad"), jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
                             vmap_method="sequential")(dy, where, k=np.int64(window))
 
 
@@ -201,7 +227,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, key_mask: 
     logits (B, H, T), which the backward pass recomputes the probabilities from. `key_mask`: (B or 1, S), True =
     attend (a padding mask; a batch with every key masked attends uniformly, as a select of a constant logit)."""
     b, t, h, _ = q.shape
-    return jax.ffi.ffi_call("archlab_attention", (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+    return jax.ffi.ffi_call(target("attention"), (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                                   jax.ShapeDtypeStruct((b, h, t), jnp.float32)),
                             vmap_method="sequential")(q, k, v, _key_mask(key_mask), causal=np.int64(causal))
 
@@ -210,7 +236,7 @@ def attention_grad(q: jax.Array, k: jax.Array, v: jax.Array, out: jax.Array, lse
                    causal: bool, key_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq, dk, dv) of `attention` from its inputs, output, log-sum-exp and the output's cotangent."""
     shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (q, k, v))
-    return jax.ffi.ffi_call("archlab_attention_grad", shapes, vmap_method="sequential")(
+    return jax.ffi.ffi_call(target("attention_grad"), shapes, vmap_method="sequential")(
         q, k, v, _key_mask(key_mask), out, lse, dout, causal=np.int64(causal))
 
 
@@ -223,4 +249,4 @@ def channel_moments(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-channel sum(a) and sum(a * b) over all but the last axis, in one pass: BatchNorm's statistics (a = b =
     x) and those of its gradient (a = dy, b = x)."""
     out = jax.ShapeDtypeStruct(a.shape[-1:], jnp.float32)
-    return jax.ffi.ffi_call("archlab_channel_moments", (out, out), vmap_method="sequential")(a, b)
+    return jax.ffi.ffi_call(target("channel_moments"), (out, out), vmap_method="sequential")(a, b)

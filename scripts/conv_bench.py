@@ -8,6 +8,13 @@ BatchNorm's per-channel statistics (`layers.channel_sums`; XLA's and archlab's o
 
     python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, dense layers, 3 rounds
     python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
+    python scripts/conv_bench.py --against HEAD --rounds 9   # a kernel change: the working tree's build against HEAD's
+    python scripts/conv_bench.py --only "resnet20 stage" fc1   # the cases whose names contain one of these
+
+`--against REV` builds the kernels as of git revision REV as well, registers them beside the working tree's and
+times both in the same process, taking turns with the others: the ratio of two builds comes from the same
+seconds of this VM's drift (between processes it moved 2x within minutes), with its range over the rounds, and
+the largest difference between the two builds' results.
 
 The three libraries take turns within every round (best of 10 calls per turn), so that this VM's drift hits all
 alike; each figure is the median over the rounds of those bests, in ms. PyTorch (the `bench` extra) is left out
@@ -20,7 +27,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from functools import partial
@@ -69,11 +78,44 @@ def best_ms(fn, calls: int = 10) -> float:
     return 1e3 * min(times)
 
 
+AGAINST = "against_"  # the registered names' prefix of --against's build
+
+
+def kernels_of(rev: str) -> Path:
+    """The kernels as of git revision `rev`, built (once per machine and sources) beside the working tree's."""
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], capture_output=True).returncode:
+        raise SystemExit(f"error: --against {rev!r} is not a commit of this repository (a branch, tag or hash)")
+    folder = Path(tempfile.mkdtemp(prefix="conv_bench_"))
+    sources = []
+    for source in cpu_kernels.SOURCES:
+        shown = subprocess.run([*git, "show", f"{rev}:models/{source.name}"], capture_output=True, text=True)
+        if shown.returncode:
+            raise SystemExit(f"error: --against {rev!r} has no models/{source.name} (archlab's kernels came later)")
+        (folder / source.name).write_text(shown.stdout)
+        sources.append(folder / source.name)
+    path = cpu_kernels.library_path(sources)
+    if not path.exists():
+        print(f"building the kernels of {rev} ...", flush=True)
+        cpu_kernels.build(path, sources)
+    return path
+
+
+def one_build(*compiled) -> None:
+    """Under `cpu_kernels.tracing_with`, the compiled functions call no kernel of this build's: a trace made
+    outside it, reused, would time this build twice."""
+    mine = f'"{cpu_kernels.PREFIX}'  # a custom call's quoted target name
+    if cpu_kernels.target("") != cpu_kernels.PREFIX and any(mine in c.as_text() for c in compiled):
+        raise SystemExit("error: a function traced for --against's kernels calls the working tree's")
+
+
 def jax_ops(conv, x, w, dy) -> dict:
-    """forward / input gradient / weight gradient of `conv(x, w)`, jitted, each a call that blocks."""
-    fwd = jax.jit(conv)
-    dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
-    dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
+    """forward / input gradient / weight gradient of `conv(x, w)`, compiled now, each a call that blocks. (Each a
+    new function to trace: jit would reuse a trace of `conv` made against another build of the kernels.)"""
+    fwd = jax.jit(lambda x, w: conv(x, w)).lower(x, w).compile()
+    dx = jax.jit(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0]).lower(x, w, dy).compile()
+    dw = jax.jit(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0]).lower(x, w, dy).compile()
+    one_build(fwd, dx, dw)
     return {"forward": lambda: fwd(x, w).block_until_ready(),
             "input_grad": lambda: dx(x, w, dy).block_until_ready(),
             "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
@@ -88,7 +130,8 @@ def jax_attention_ops(attend, q, k, v, dy, kernels: bool) -> dict:
         both = jax.jit(lambda q, k, v, dy: jax.vjp(attend, q, k, v)[1](dy)).lower(q, k, v, dy).compile()
     finally:
         cpu_kernels.enable(True)
-    if ("archlab_attention" in fwd.as_text()) != kernels:
+    one_build(fwd, both)
+    if (cpu_kernels.target("attention") in fwd.as_text()) != kernels:
         taken = "did not take" if kernels else "took"
         raise SystemExit(f"error: attention of shape {q.shape} {taken} archlab's kernel")
     return {"forward": lambda: fwd(q, k, v).block_until_ready(),
@@ -113,18 +156,45 @@ def torch_attention_ops(q, k, v, dy, causal: bool) -> dict:
     return {"forward": forward, "forward_backward": forward_backward}
 
 
-def timed(ops: dict, names: tuple, rounds: int) -> dict:
-    """{library: {op: median over the rounds of the best of 10}}, the libraries taking turns in each round."""
+def timed(ops: dict, names: tuple, rounds: int, against: str | None = None) -> dict:
+    """{library: {op: median over the rounds of the best of 10}}, the libraries taking turns in each round; with
+    `against` (a library), also {"speedup": {op: [median, low, high]}}: its time over archlab's, per round."""
     libraries = list(ops)
     for fns in ops.values():
         for fn in fns.values():
-            fn()  # compile and warm up
+            fn()  # warm up
     times = {lib: {op: [] for op in names} for lib in libraries}
     for r in range(rounds):
         for lib in (libraries if r % 2 == 0 else libraries[::-1]):
             for op in names:
                 times[lib][op].append(best_ms(ops[lib][op]))
-    return {lib: {op: statistics.median(times[lib][op]) for op in names} for lib in libraries}
+    result = {lib: {op: statistics.median(times[lib][op]) for op in names} for lib in libraries}
+    if against:
+        ratios = {op: [a / b for a, b in zip(times[against][op], times["archlab"][op])] for op in names}
+        result["speedup"] = {op: [statistics.median(r), min(r), max(r)] for op, r in ratios.items()}
+    return result
+
+
+def difference(ops: dict, names: tuple, against: str | None) -> dict:
+    """{"difference": {op: the largest difference between the two builds' results, relative to the result's
+    largest value}} (each op's call returns its result); nothing without `against`."""
+    if not against:
+        return {}
+
+    def gap(mine, theirs) -> float:
+        pairs = zip(jax.tree.leaves(mine), jax.tree.leaves(theirs))
+        return max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(a)).max() or 1.0))
+                   for a, b in pairs)
+
+    return {"difference": {op: gap(ops["archlab"][op](), ops[against][op]()) for op in names}}
+
+
+def report(row: dict, names: tuple, libraries: list) -> None:
+    """One line per case as it is timed: each library's ms per op, and with --against the speedup per op."""
+    line = " | ".join(f"{lib} " + " / ".join(f"{row[lib][op]:.3g}" for op in names) for lib in libraries)
+    if "speedup" in row:
+        line += " | speedup " + " / ".join(f"{row['speedup'][op][0]:.2f}x" for op in names)
+    print(row["layer"], line, flush=True)
 
 
 def norm_ops(x) -> dict:
@@ -132,11 +202,17 @@ def norm_ops(x) -> dict:
     (`layers.channel_sums`). PyTorch has no such op alone (its BatchNorm normalises in the same call)."""
     axes = (0, 1, 2)
     xla = jax.jit(lambda x: (jnp.sum(x, axes), jnp.sum(x * x, axes)))
-    kernel = jax.jit(lambda x: channel_sums(x, x))
-    if "archlab_channel_moments" not in kernel.lower(x).as_text():
+    return {"xla": {"statistics": lambda: jax.block_until_ready(xla(x))}, "archlab": kernel_norm_op(x)}
+
+
+def kernel_norm_op(x) -> dict:
+    """archlab's kernel alone of `norm_ops`, compiled now (against the build `cpu_kernels.tracing_with` names)."""
+    kernel = jax.jit(lambda x: channel_sums(x, x)).lower(x)
+    if cpu_kernels.target("channel_moments") not in kernel.as_text():
         raise SystemExit(f"error: the batch-norm statistics of shape {x.shape} did not take archlab's kernel")
-    return {"xla": {"statistics": lambda: jax.block_until_ready(xla(x))},
-            "archlab": {"statistics": lambda: jax.block_until_ready(kernel(x))}}
+    kernel = kernel.compile()
+    one_build(kernel)
+    return {"statistics": lambda: jax.block_until_ready(kernel(x))}
 
 
 def torch_dense_ops(x, w, dy) -> dict:
@@ -167,20 +243,32 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "outputs" / "bench" / "conv_bench.json"))
+    ap.add_argument("--against", metavar="REV", help="also time the kernels as of this git revision, in the same "
+                    "process (a kernel change's A/B)")
+    ap.add_argument("--only", nargs="+", metavar="TEXT", help="the cases whose name contains one of these")
     args = ap.parse_args(argv)
     if args.batch < 1 or args.rounds < 1:
         raise SystemExit(f"error: --batch {args.batch} and --rounds {args.rounds} must be at least 1")
+    chosen = lambda cases: [case for case in cases if not args.only or any(t in case[0] for t in args.only)]
+    if not any(chosen(cases) for cases in (LAYERS, DENSE, ATTENTION, NORMS)):
+        names = ", ".join(repr(case[0]) for cases in (LAYERS, DENSE, ATTENTION, NORMS) for case in cases)
+        raise SystemExit(f"error: --only {' '.join(args.only)} names no case; the cases: {names}")
+    theirs = kernels_of(args.against) if args.against else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not cpu_kernels.available():
         raise SystemExit("error: archlab's CPU kernels could not be built (see the warning above); install a C++ "
                          "compiler or set CXX")
-    libraries = ["xla", "archlab"] + (["pytorch"] if importlib.util.find_spec("torch") else [])
+    against = f"archlab@{args.against}" if args.against else None
+    if against:
+        cpu_kernels.register(theirs, AGAINST)
+    libraries = ["xla", "archlab"] + ([against] if against else []) + (
+        ["pytorch"] if importlib.util.find_spec("torch") else [])
     rows = []
     rng = np.random.default_rng(0)
     normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, dtype=np.float32))
     cases = []
-    for name, size, c_in, c_out, k, stride, pad in LAYERS:
+    for name, size, c_in, c_out, k, stride, pad in chosen(LAYERS):
         x, w = normal(args.batch, size, size, c_in), normal(k, k, c_in, c_out)
         padding = ((pad, pad), (pad, pad))
         xla = lambda x, w, s=stride, p=padding: lax.conv_general_dilated(x, w, (s, s), p, dimension_numbers=NHWC)
@@ -188,54 +276,76 @@ def main(argv: list[str] | None = None) -> dict:
         kernels = lambda x, w, s=stride, p=padding: cpu_conv(x, w, (s, s), p, dimension_numbers=NHWC)
         torch_fns = (lambda x=x, w=w, dy=dy, s=stride, p=pad: torch_ops(x, w, dy, s, p))
         cases.append((name, [args.batch, size, size, c_in, c_out, k, stride, pad], xla, kernels, x, w, dy, torch_fns))
-    for name, n, k, m in DENSE:
+    for name, n, k, m in chosen(DENSE):
         x, w, dy = normal(n, k), normal(k, m), normal(n, m)
         dims = (((1,), (0,)), ((), ()))
         cases.append((name, [n, k, m], lambda x, w: lax.dot_general(x, w, dims),
                       lambda x, w: cpu_dot(x, w, dims), x, w, dy, lambda x=x, w=w, dy=dy: torch_dense_ops(x, w, dy)))
     for name, shape, xla, kernels, x, w, dy, torch_fns in cases:
         ops = {"xla": jax_ops(xla, x, w, dy), "archlab": jax_ops(kernels, x, w, dy)}
+        if against:
+            with cpu_kernels.tracing_with(AGAINST):
+                ops[against] = jax_ops(kernels, x, w, dy)
         if "pytorch" in libraries:
             ops["pytorch"] = torch_fns()
-        rows.append({"layer": name, "shape": shape, **timed(ops, OPS, args.rounds)})
-        print(name, " | ".join(f"{lib} " + " / ".join(f"{rows[-1][lib][op]:.2f}" for op in OPS)
-                               for lib in libraries), flush=True)
+        rows.append({"layer": name, "shape": shape, **timed(ops, OPS, args.rounds, against),
+                     **difference(ops, OPS, against)})
+        report(rows[-1], OPS, libraries)
     attention = []
-    for name, b, t, h, dh, causal in ATTENTION:
+    for name, b, t, h, dh, causal in chosen(ATTENTION):
         q, k, v, dy = (normal(b, t, h, dh) for _ in range(4))
         attend = partial(dot_product_attention, causal=causal)
         ops = {"xla": jax_attention_ops(attend, q, k, v, dy, kernels=False),
                "archlab": jax_attention_ops(attend, q, k, v, dy, kernels=True)}
+        if against:
+            with cpu_kernels.tracing_with(AGAINST):
+                ops[against] = jax_attention_ops(attend, q, k, v, dy, kernels=True)
         if "pytorch" in libraries:
             ops["pytorch"] = torch_attention_ops(q, k, v, dy, causal)
-        attention.append({"layer": name, "shape": [b, t, h, dh, causal], **timed(ops, ATTENTION_OPS, args.rounds)})
-        print(name, " | ".join(f"{lib} " + " / ".join(f"{attention[-1][lib][op]:.2f}" for op in ATTENTION_OPS)
-                               for lib in libraries), flush=True)
+        attention.append({"layer": name, "shape": [b, t, h, dh, causal],
+                          **timed(ops, ATTENTION_OPS, args.rounds, against),
+                          **difference(ops, ATTENTION_OPS, against)})
+        report(attention[-1], ATTENTION_OPS, libraries)
     norms = []
-    for name, size, c in NORMS:
+    norm_libraries = ["xla", "archlab"] + ([against] if against else [])
+    for name, size, c in chosen(NORMS):
+        x = normal(args.batch, size, size, c)
+        ops = norm_ops(x)
+        if against:
+            with cpu_kernels.tracing_with(AGAINST):
+                ops[against] = kernel_norm_op(x)
         norms.append({"layer": name, "shape": [args.batch, size, size, c],
-                      **timed(norm_ops(normal(args.batch, size, size, c)), NORM_OPS, args.rounds)})
-        print(name, " | ".join(f"{lib} {norms[-1][lib]['statistics']:.3f}" for lib in ("xla", "archlab")), flush=True)
+                      **timed(ops, NORM_OPS, args.rounds, against), **difference(ops, NORM_OPS, against)})
+        report(norms[-1], NORM_OPS, norm_libraries)
     command = " ".join(["python scripts/conv_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
-              "command": command, "batch": args.batch, "rounds": args.rounds, "rows": rows, "attention": attention,
-              "norms": norms}
+              "command": command, "batch": args.batch, "rounds": args.rounds, "against": args.against, "rows": rows,
+              "attention": attention, "norms": norms}
     out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
     out.with_suffix(".json.partial").replace(out)
-    header = "| layer | " + " | ".join(f"{lib} ms (fwd / dx / dW)" for lib in libraries) + " |"
+    def table(title: str, unit: str, names: tuple, found: list, libs: list) -> list[str]:
+        if not found:
+            return []
+        vs = [f"archlab / {against} {unit.removeprefix('ms').strip()}: speedup [range], largest difference"
+              ] if against else []
+        lines = ["", f"| {title} | " + " | ".join([f"{lib} {unit}" for lib in libs] + vs) + " |",
+                 "|---" * (len(libs) + len(vs) + 1) + "|"]
+        for row in found:
+            cells = [" / ".join(f"{row[lib][op]:.3g}" for op in names) for lib in libs]
+            if against:
+                cells.append(" / ".join(f"{m:.2f}x [{lo:.2f}-{hi:.2f}]" for m, lo, hi in
+                                        (row["speedup"][op] for op in names))
+                             + f", {max(row['difference'].values()):.1e}")
+            lines.append(f"| {row['layer']} | " + " | ".join(cells) + " |")
+        return lines
+
     lines = [f"`{result['command']}`, {result['date']}, batch {args.batch}, median over {args.rounds} rounds "
-             "of each library's best of 10 calls", "", header, "|---" * (len(libraries) + 1) + "|"]
-    lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in OPS)
-                                                      for lib in libraries) + " |" for row in rows]
-    lines += ["", "| attention (batch, positions, heads, head size, causal: the suite's) | "
-              + " | ".join(f"{lib} ms (fwd / fwd + bwd)" for lib in libraries) + " |",
-              "|---" * (len(libraries) + 1) + "|"]
-    lines += ["| " + row["layer"] + " | " + " | ".join(" / ".join(f"{row[lib][op]:.2f}" for op in ATTENTION_OPS)
-                                                      for lib in libraries) + " |" for row in attention]
-    lines += ["", "| batch-norm statistics (sum and sum of squares per channel) | xla ms | archlab ms |",
-              "|---|---|---|"]
-    lines += [f"| {row['layer']} | {row['xla']['statistics']:.3f} | {row['archlab']['statistics']:.3f} |"
-              for row in norms]
+             "of each library's best of 10 calls"]
+    lines += table("layer", "ms (fwd / dx / dW)", OPS, rows, libraries)
+    lines += table("attention (batch, positions, heads, head size, causal: the suite's)", "ms (fwd / fwd + bwd)",
+                   ATTENTION_OPS, attention, libraries)
+    lines += table("batch-norm statistics (sum and sum of squares per channel)", "ms", NORM_OPS, norms,
+                   norm_libraries)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

@@ -444,6 +444,21 @@ def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
     assert not (tmp_path / "other.so").exists()
 
 
+def test_another_build_of_the_kernels_is_called_by_its_own_names():
+    """`register` puts a build's handlers under another prefix and calls traced in `tracing_with` call them: two
+    builds side by side in one process (scripts/conv_bench.py --against)."""
+    assert cpu_kernels.available()
+    cpu_kernels.register(cpu_kernels.library_path(), "test_twin_")
+    x, w = jax.random.normal(jax.random.key(0), (2, 9, 9, 16)), jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
+    conv = lambda x, w: layers.cpu_conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC)
+    with cpu_kernels.tracing_with("test_twin_"):
+        twin = jax.jit(lambda x, w: conv(x, w)).lower(x, w)
+    mine = jax.jit(lambda x, w: conv(x, w)).lower(x, w)  # a new function: jit reuses a function's trace
+    assert "test_twin_conv_forward" in twin.as_text() and "archlab_conv_forward" not in twin.as_text()
+    assert "archlab_conv_forward" in mine.as_text() and cpu_kernels.target("conv_forward") == "archlab_conv_forward"
+    np.testing.assert_array_equal(twin.compile()(x, w), mine.compile()(x, w))
+
+
 def test_cpu_conv_keeps_bfloat16_and_other_ranks():
     conv = nnx.Conv(1, 4, (3, 3), dtype=jnp.bfloat16, conv_general_dilated=layers.cpu_conv, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 9, 9, 1))
