@@ -165,8 +165,8 @@ def timed(ops: dict, names: tuple, rounds: int, against: str | None = None) -> d
             fn()  # warm up
     times = {lib: {op: [] for op in names} for lib in libraries}
     for r in range(rounds):
-        for lib in (libraries if r % 2 == 0 else libraries[::-1]):
-            for op in names:
+        for op in names:  # an op's turns back to back, so that the VM's drift between them stays small
+            for lib in (libraries if r % 2 == 0 else libraries[::-1]):
                 times[lib][op].append(best_ms(ops[lib][op]))
     result = {lib: {op: statistics.median(times[lib][op]) for op in names} for lib in libraries}
     if against:
@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     def table(title: str, unit: str, names: tuple, found: list, libs: list) -> list[str]:
         if not found:
             return []
-        vs = [f"archlab / {against} {unit.removeprefix('ms').strip()}: speedup [range], largest difference"
+        ops_named = unit.removeprefix("ms").strip()
+        vs = [f"archlab / {against}{' ' + ops_named if ops_named else ''}: speedup [range], largest difference"
               ] if against else []
         lines = ["", f"| {title} | " + " | ".join([f"{lib} {unit}" for lib in libs] + vs) + " |",
                  "|---" * (len(libs) + len(vs) + 1) + "|"]
