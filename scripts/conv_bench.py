@@ -86,18 +86,17 @@ def kernels_of(rev: str) -> Path:
     git = ["git", "-C", str(ROOT)]
     if subprocess.run([*git, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], capture_output=True).returncode:
         raise SystemExit(f"error: --against {rev!r} is not a commit of this repository (a branch, tag or hash)")
-    folder = Path(tempfile.mkdtemp(prefix="conv_bench_"))
-    sources = []
-    for source in cpu_kernels.SOURCES:
-        shown = subprocess.run([*git, "show", f"{rev}:models/{source.name}"], capture_output=True, text=True)
-        if shown.returncode:
-            raise SystemExit(f"error: --against {rev!r} has no models/{source.name} (archlab's kernels came later)")
-        (folder / source.name).write_text(shown.stdout)
-        sources.append(folder / source.name)
-    path = cpu_kernels.library_path(sources)
-    if not path.exists():
-        print(f"building the kernels of {rev} ...", flush=True)
-        cpu_kernels.build(path, sources)
+    with tempfile.TemporaryDirectory(prefix="conv_bench_") as folder:
+        sources = [Path(folder) / source.name for source in cpu_kernels.SOURCES]
+        for source in sources:
+            shown = subprocess.run([*git, "show", f"{rev}:models/{source.name}"], capture_output=True, text=True)
+            if shown.returncode:
+                raise SystemExit(f"error: --against {rev!r} has no models/{source.name} (the kernels came later)")
+            source.write_text(shown.stdout)
+        path = cpu_kernels.library_path(sources)
+        if not path.exists():
+            print(f"building the kernels of {rev} ...", flush=True)
+            cpu_kernels.build(path, sources)
     return path
 
 
