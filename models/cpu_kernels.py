@@ -108,15 +108,20 @@ def available() -> bool:
     with _lock:
         if _loaded is None:
             try:
-                path = library_path()
-                if not path.exists():
-                    build(path)
-                _registers = register(path)
+                _registers = register(built())
                 _loaded = True
             except Exception as err:  # no compiler, a failed build: XLA's convolutions still work
                 log.warning("archlab's CPU kernels unavailable, using XLA's: %s", err)
                 _loaded = False
     return _loaded
+
+
+def built(sources: list[Path] = SOURCES) -> Path:
+    """This machine's build of `sources`, compiled first where the cache has none."""
+    path = library_path(sources)
+    if not path.exists():
+        build(path, sources)
+    return path
 
 
 def register(path: Path, prefix: str = PREFIX) -> int:

@@ -93,11 +93,7 @@ def kernels_of(rev: str) -> Path:
             if shown.returncode:
                 raise SystemExit(f"error: --against {rev!r} has no models/{source.name} (the kernels came later)")
             source.write_text(shown.stdout)
-        path = cpu_kernels.library_path(sources)
-        if not path.exists():
-            print(f"building the kernels of {rev} ...", flush=True)
-            cpu_kernels.build(path, sources)
-    return path
+        return cpu_kernels.built(sources)
 
 
 def one_build(*compiled) -> None:
@@ -306,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
                           **difference(ops, ATTENTION_OPS, against)})
         report(attention[-1], ATTENTION_OPS, libraries)
     norms = []
-    norm_libraries = ["xla", "archlab"] + ([against] if against else [])
+    norm_libraries = [lib for lib in libraries if lib != "pytorch"]  # PyTorch has no statistics op alone
     for name, size, c in chosen(NORMS):
         x = normal(args.batch, size, size, c)
         ops = norm_ops(x)

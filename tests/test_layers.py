@@ -448,7 +448,7 @@ def test_another_build_of_the_kernels_is_called_by_its_own_names():
     """`register` puts a build's handlers under another prefix and calls traced in `tracing_with` call them: two
     builds side by side in one process (scripts/conv_bench.py --against)."""
     assert cpu_kernels.available()
-    cpu_kernels.register(cpu_kernels.library_path(), "test_twin_")
+    cpu_kernels.register(cpu_kernels.built(), "test_twin_")
     x, w = jax.random.normal(jax.random.key(0), (2, 9, 9, 16)), jax.random.normal(jax.random.key(1), (3, 3, 16, 8))
     conv = lambda x, w: layers.cpu_conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=layers.NHWC)
     with cpu_kernels.tracing_with("test_twin_"):
