@@ -93,6 +93,8 @@ def kernels_of(rev: str) -> Path:
             if shown.returncode:
                 raise SystemExit(f"error: --against {rev!r} has no models/{source.name} (the kernels came later)")
             source.write_text(shown.stdout)
+        if not cpu_kernels.library_path(sources).exists():
+            print(f"building the kernels of {rev} ...", flush=True)  # ~30 s, once per machine and sources
         return cpu_kernels.built(sources)
 
 
