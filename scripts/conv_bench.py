@@ -58,10 +58,11 @@ LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32
 # (name, rows of x = batch x positions, in features, out features): the bench suite's steps, whatever --batch says
 DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), ("gpt d384 attention projection",
           2048, 384, 384), ("vit_tiny qkv projection", 2176, 64, 64), ("vit_tiny fc1", 2176, 64, 128),
-         ("mlp hidden 1", 128, 784, 256)]
+         ("mlp hidden 1", 128, 784, 256), ("transformer fc2", 3968, 512, 128)]
 # (name, batch, positions, heads, head size, causal): the bench suite's attention layers
 ATTENTION = [("gpt d384 attention", 8, 256, 6, 64, True), ("gpt d128 attention", 12, 64, 4, 32, True),
-             ("vit_tiny attention", 128, 17, 4, 16, False)]
+             ("vit_tiny attention", 128, 17, 4, 16, False), ("transformer decoder self-attention", 64, 62, 4, 32, True),
+             ("transformer encoder self-attention", 64, 56, 4, 32, False)]
 # (name, height = width, channels): ResNet-20's BatchNorm layers, whose per-channel sum and sum of squares are
 # timed (the batch's statistics; the backward pass takes the same sums of dy and dy * x)
 NORMS = [("resnet20 stage 1 batch norm", 28, 16), ("resnet20 stage 2 batch norm", 14, 32),

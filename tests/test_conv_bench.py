@@ -30,7 +30,8 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "input_grad", "weight_grad")), (row, lib)
     assert [r["layer"] for r in result["attention"]] == ["gpt d384 attention", "gpt d128 attention",
-                                                          "vit_tiny attention"]
+                                                          "vit_tiny attention", "transformer decoder self-attention",
+                                                          "transformer encoder self-attention"]
     for row in result["attention"]:
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "forward_backward")), (row, lib)

@@ -2,6 +2,7 @@
 helpers' kernels (convolutions, pooling, dense weight gradients, attention)."""
 
 import logging
+import re
 from functools import partial
 
 import jax
@@ -405,6 +406,21 @@ def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax():
     assert "archlab" not in str(jax.make_jaxpr(bf16)(w.astype(jnp.bfloat16)))
     xt = jnp.ones((16, 256))  # contracting x's first axis: lax
     assert jnp.allclose(layers.cpu_dot(xt, w, (((0,), (0,)), ((), ()))), xt.T @ w)
+
+
+def test_tall_weight_gradient_is_the_transpose_of_the_wide_product():
+    """XLA's dense weight gradient: a dW at least TALL_RATIO times taller than wide, over TALL_MIN_ROWS rows or
+    more, is computed as (dy^T x)^T (Eigen's faster orientation); others as x^T dy. 100 columns: never the kernel."""
+    def dots(rows: int) -> list[str]:
+        x, dy = jax.random.normal(jax.random.key(1), (rows, 400)), jax.random.normal(jax.random.key(2), (rows, 100))
+        dw = jax.jit(layers._dense_weight_grad)
+        np.testing.assert_allclose(dw(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
+        hlo = dw.lower(x, dy).compile().as_text()
+        return re.findall(r"f32\[(\d+),(\d+)\][^ ]* dot\(", hlo)
+
+    assert layers.TALL_RATIO * 100 <= 400 and layers.TALL_MIN_ROWS <= 800
+    assert dots(800) == [("100", "400")]
+    assert dots(layers.TALL_MIN_ROWS // 2) == [("400", "100")]
 
 
 @pytest.mark.parametrize("shape", [(8, 5, 5, 12), (64, 3), (4, 9, 9, 40)])
