@@ -451,7 +451,7 @@ def _dense_kernel_pays(columns: int) -> bool:
 
 # Eigen (XLA's dot for dense weight gradients on AVX2) ran x^T dy 1.06-1.4x faster as (dy^T x)^T where dW is at
 # least 4 times taller than wide and x has 768 rows or more (Zen 3: 3968 x 512 -> 128 1.29x, 2048 x 1536 -> 384
-# 1.06x, 2048 x 2304 -> 256 1.09x), and 0.7-0.95x with 128-512 rows (README, Performance).
+# 1.06x, 2048 x 2304 -> 256 1.09x), and 0.68-0.97x with 128-512 rows (README, Performance).
 TALL_RATIO, TALL_MIN_ROWS = 4, 768
 
 
