@@ -565,7 +565,7 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ARCHLAB_POOL_GROUPS 1
 constexpr int64_t kMaxPoolTaps = 4;  // pool_group's windows: at most 4 wide
-static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
+static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where, int64_t) {
   for (int64_t e = 0; e < c; e += 16) {
     __mmask16 lanes = first_lanes(c - e);
     __m512 best = _mm512_maskz_loadu_ps(lanes, x + e);
@@ -585,7 +585,8 @@ static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float*
   }
 }
 
-static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx) {
+static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx,
+                         int64_t) {
   for (int64_t e = 0; e < c; e += 16) {
     __mmask16 lanes = first_lanes(c - e);
     __m512 gv = _mm512_maskz_loadu_ps(lanes, g + e);
@@ -668,27 +669,75 @@ static void unpool_group(const float* gy, const uint8_t* where, int64_t row, int
   }
 }
 #else
-static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where) {
-  for (int64_t e = 0; e < c; ++e) {
-    float best = x[e];
-    uint8_t pos = 0;
+// The same with the machine's vectors (AVX2: 8 lanes; SSE, NEON: 4), for a pixel's last few channels (LeNet's 6
+// of 8) AVX2's masked loads, and whole-vector stores where the lanes past the pixel's are written again later by
+// the same task (`room`: the floats from the pixel's first to the end of what the task writes in order): AVX2's
+// masked stores are slow, and per channel, as scalar code, the pool was a quarter of LeNet's step on the Zen 3.
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));
+
+#ifdef __AVX2__
+static inline __m256i lanes_below(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+// The first n (<= kLanes) floats at p; the other lanes are not used.
+static inline vec load_lanes(const float* p, int n) {
+  if (n == kLanes) return *(const vec*)p;
+#ifdef __AVX2__
+  return (vec)_mm256_maskload_ps(p, lanes_below(n));
+#else
+  vec v = {};
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+
+// v's first n lanes at p, and its others after them if `room` (floats from p) holds a whole vector.
+static inline void store_lanes(float* p, vec v, int n, int64_t room) {
+  if (n == kLanes || room >= kLanes) {
+    *(vec*)p = v;
+    return;
+  }
+#ifdef __AVX2__
+  _mm256_maskstore_ps(p, lanes_below(n), (__m256)v);
+#else
+  for (int l = 0; l < n; ++l) p[l] = v[l];
+#endif
+}
+
+static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where,
+                       int64_t room) {
+  for (int64_t e = 0; e < c; e += kLanes) {
+    int n = (int)std::min<int64_t>(kLanes, c - e);
+    vec best = load_lanes(x + e, n);
+    ivec pos = {};
     for (int64_t i = 0; i < k; ++i)
       for (int64_t j = 0; j < k; ++j) {
-        float v = x[i * row + j * c + e];
-        if (v > best || (v != v && best == best)) {
-          best = v;
-          pos = (uint8_t)(i * k + j);
-        }
+        if (i == 0 && j == 0) continue;
+        vec v = load_lanes(x + i * row + j * c + e, n);
+        ivec take = (v > best) | ((v != v) & (best == best));  // a NaN wins and stays, as in reduce_max
+        best = take ? v : best;
+        pos = take ? (ivec){} + (int32_t)(i * k + j) : pos;
       }
-    y[e] = best;
-    where[e] = pos;
+    store_lanes(y + e, best, n, room - e);
+    for (int l = 0; l < n; ++l) where[e + l] = (uint8_t)pos[l];
   }
 }
 
-static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx) {
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t e = 0; e < c; ++e) dx[i * row + j * c + e] = where[e] == i * k + j ? g[e] : 0.0f;
+static void unpool_pixel(const float* g, const uint8_t* where, int64_t row, int64_t k, int64_t c, float* dx,
+                         int64_t room) {
+  for (int64_t e = 0; e < c; e += kLanes) {
+    int n = (int)std::min<int64_t>(kLanes, c - e);
+    vec gv = load_lanes(g + e, n);
+    ivec pos = {};
+    for (int l = 0; l < n; ++l) pos[l] = where[e + l];
+    // over a pixel's few channels, the taps of a window row in order: each store's spare lanes fall on the next's
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j < k; ++j)
+        store_lanes(dx + i * row + j * c + e, pos == (int32_t)(i * k + j) ? gv : (vec){}, n,
+                    c < kLanes ? room - j * c : 0);
+  }
 }
 #endif
 
@@ -719,7 +768,8 @@ static ffi::Error MaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
     for (int64_t r = 0; r < ho; ++r)
       for (int64_t q = 0; q < wo; ++q) {
         int64_t o = ((b * ho + r) * wo + q) * c;
-        pool_pixel(xp + ((b * h + r * k) * wi + q * k) * c, wi * c, k, c, yp + o, wp + o);
+        pool_pixel(xp + ((b * h + r * k) * wi + q * k) * c, wi * c, k, c, yp + o, wp + o,
+                   ((ho - r) * wo - q) * c);  // to the end of image b's output
       }
   });
   return ffi::Error::Success();
@@ -749,7 +799,7 @@ static ffi::Error MaxPoolGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
 #endif
       for (int64_t q = 0; q < wo; ++q) {
         int64_t o = ((b * ho + r) * wo + q) * c;
-        unpool_pixel(dp + o, wp + o, wi * c, k, c, xb + (r * k * wi + q * k) * c);
+        unpool_pixel(dp + o, wp + o, wi * c, k, c, xb + (r * k * wi + q * k) * c, (wi - q * k) * c);  // row's end
       }
       for (int64_t i = 0; i < k && wo * k < wi; ++i)  // columns no window covers
         std::memset(xb + ((r * k + i) * wi + wo * k) * c, 0, (wi - wo * k) * c * sizeof(float));

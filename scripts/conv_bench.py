@@ -1,10 +1,11 @@
-"""Per-op convolution, dense-layer and attention times: XLA's (`lax.conv_general_dilated`, `lax.dot_general`, the
-einsums or query blocks archlab runs without its kernels), archlab's CPU kernels (models/cpu_kernels.py) and
-PyTorch's (oneDNN, channels-last; `torch.mm`; `F.scaled_dot_product_attention`), each jitted (or eager) alone:
-convolutions and dense layers forward, input gradient and weight gradient; archlab's through `layers.cpu_conv` and
-`layers.cpu_dot`, as the models call them (a dense layer's forward and input gradient are XLA's dots either way;
-its weight gradient is the kernel's); attention forward, and forward and backward together (`layers.fused_attention`);
-BatchNorm's per-channel statistics (`layers.channel_sums`; XLA's and archlab's only).
+"""Per-op convolution, dense-layer, attention and max-pool times: XLA's (`lax.conv_general_dilated`,
+`lax.dot_general`, the einsums, query blocks or reshape-and-max archlab runs without its kernels), archlab's CPU
+kernels (models/cpu_kernels.py) and PyTorch's (oneDNN, channels-last; `torch.mm`;
+`F.scaled_dot_product_attention`; `F.max_pool2d`), each jitted (or eager) alone: convolutions and dense layers
+forward, input gradient and weight gradient; archlab's through `layers.cpu_conv` and `layers.cpu_dot`, as the
+models call them (a dense layer's forward and input gradient are XLA's dots either way; its weight gradient is the
+kernel's); attention forward, and forward and backward together (`layers.fused_attention`); LeNet's max pools the
+same way (`layers.max_pool`); BatchNorm's per-channel statistics (`layers.channel_sums`; XLA's and archlab's only).
 
     python scripts/conv_bench.py                  # ResNet-20's and LeNet's layers at batch 128, dense layers, 3 rounds
     python scripts/conv_bench.py --batch 32 --rounds 5 --out outputs/bench/conv_small.json
@@ -44,12 +45,13 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
-from models.layers import channel_sums, cpu_conv, cpu_dot, dot_product_attention  # noqa: E402
+from models.layers import channel_sums, cpu_conv, cpu_dot, dot_product_attention, max_pool  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
 ATTENTION_OPS = ("forward", "forward_backward")
 NORM_OPS = ("statistics",)
+POOL_OPS = ATTENTION_OPS
 # (name, height = width, in channels, out channels, kernel, stride, padding)
 LAYERS = [("resnet20 stage 1", 28, 16, 16, 3, 1, 1), ("resnet20 stage 2", 14, 32, 32, 3, 1, 1),
           ("resnet20 stage 3", 7, 64, 64, 3, 1, 1), ("resnet20 16 -> 32, stride 2", 28, 16, 32, 3, 2, 1),
@@ -63,6 +65,8 @@ DENSE = [("gpt d384 fc1", 2048, 384, 1536), ("gpt d384 fc2", 2048, 1536, 384), (
 ATTENTION = [("gpt d384 attention", 8, 256, 6, 64, True), ("gpt d128 attention", 12, 64, 4, 32, True),
              ("vit_tiny attention", 128, 17, 4, 16, False), ("transformer decoder self-attention", 64, 62, 4, 32, True),
              ("transformer encoder self-attention", 64, 56, 4, 32, False)]
+# (name, height = width, channels, window): the suite's non-overlapping max pools
+POOLS = [("lenet pool 1", 24, 6, 2), ("lenet pool 2", 8, 16, 2)]
 # (name, height = width, channels): ResNet-20's BatchNorm layers, whose per-channel sum and sum of squares are
 # timed (the batch's statistics; the backward pass takes the same sums of dy and dy * x)
 NORMS = [("resnet20 stage 1 batch norm", 28, 16), ("resnet20 stage 2 batch norm", 14, 32),
@@ -119,21 +123,50 @@ def jax_ops(conv, x, w, dy) -> dict:
             "weight_grad": lambda: dw(x, w, dy).block_until_ready()}
 
 
-def jax_attention_ops(attend, q, k, v, dy, kernels: bool) -> dict:
-    """forward / forward and backward of `attend(q, k, v)`, compiled now, with archlab's CPU kernels on or off
-    (off: the query blocks or einsums `layers.dot_product_attention` runs without them)."""
+def jax_kernel_ops(fn, inputs: tuple, dy, kernels: bool, kernel: str) -> dict:
+    """forward / forward and backward of `fn(*inputs)`, compiled now, with archlab's CPU kernels on or off (off:
+    what `models.layers` runs without them), checking that the forward pass takes the kernel `kernel` exactly when
+    they are on."""
     cpu_kernels.enable(kernels)
-    try:  # new functions to trace: jit would reuse a trace of `attend` made with the kernels switched the other way
-        fwd = jax.jit(lambda q, k, v: attend(q, k, v)).lower(q, k, v).compile()
-        both = jax.jit(lambda q, k, v, dy: jax.vjp(attend, q, k, v)[1](dy)).lower(q, k, v, dy).compile()
+    try:  # new functions to trace: jit would reuse a trace of `fn` made with the kernels switched the other way
+        fwd = jax.jit(lambda *a: fn(*a)).lower(*inputs).compile()
+        both = jax.jit(lambda dy, *a: jax.vjp(fn, *a)[1](dy)).lower(dy, *inputs).compile()
     finally:
         cpu_kernels.enable(True)
     one_build(fwd, both)
-    if (cpu_kernels.target("attention") in fwd.as_text()) != kernels:
+    if (cpu_kernels.target(kernel) in fwd.as_text()) != kernels:
         taken = "did not take" if kernels else "took"
-        raise SystemExit(f"error: attention of shape {q.shape} {taken} archlab's kernel")
-    return {"forward": lambda: fwd(q, k, v).block_until_ready(),
-            "forward_backward": lambda: jax.block_until_ready(both(q, k, v, dy))}
+        raise SystemExit(f"error: {kernel} of shape {inputs[0].shape} {taken} archlab's kernel")
+    return {"forward": lambda: fwd(*inputs).block_until_ready(),
+            "forward_backward": lambda: jax.block_until_ready(both(dy, *inputs))}
+
+
+def jax_attention_ops(attend, q, k, v, dy, kernels: bool) -> dict:
+    """`jax_kernel_ops` of `attend(q, k, v)` (without the kernels: the query blocks or einsums)."""
+    return jax_kernel_ops(attend, (q, k, v), dy, kernels, "attention")
+
+
+def jax_pool_ops(x, dy, window: int, kernels: bool) -> dict:
+    """`jax_kernel_ops` of `layers.max_pool(x, window)` (without the kernels: a reshape and a max)."""
+    return jax_kernel_ops(lambda x: max_pool(x, window), (x,), dy, kernels, "max_pool")
+
+
+def torch_pool_ops(x, dy, window: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    dyt = torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+    def forward_backward():
+        leaf = xt.detach().requires_grad_()
+        F.max_pool2d(leaf, window).backward(dyt)
+
+    def forward():
+        with torch.no_grad():
+            F.max_pool2d(xt, window)
+
+    return {"forward": forward, "forward_backward": forward_backward}
 
 
 def torch_attention_ops(q, k, v, dy, causal: bool) -> dict:
@@ -248,8 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.batch < 1 or args.rounds < 1:
         raise SystemExit(f"error: --batch {args.batch} and --rounds {args.rounds} must be at least 1")
     chosen = lambda cases: [case for case in cases if not args.only or any(t in case[0] for t in args.only)]
-    if not any(chosen(cases) for cases in (LAYERS, DENSE, ATTENTION, NORMS)):
-        names = ", ".join(repr(case[0]) for cases in (LAYERS, DENSE, ATTENTION, NORMS) for case in cases)
+    if not any(chosen(cases) for cases in (LAYERS, DENSE, ATTENTION, POOLS, NORMS)):
+        names = ", ".join(repr(case[0]) for cases in (LAYERS, DENSE, ATTENTION, POOLS, NORMS) for case in cases)
         raise SystemExit(f"error: --only {' '.join(args.only)} names no case; the cases: {names}")
     theirs = kernels_of(args.against) if args.against else None
     out = Path(args.out)
@@ -304,6 +337,19 @@ def main(argv: list[str] | None = None) -> dict:
                           **timed(ops, ATTENTION_OPS, args.rounds, against),
                           **difference(ops, ATTENTION_OPS, against)})
         report(attention[-1], ATTENTION_OPS, libraries)
+    pools = []
+    for name, size, c, window in chosen(POOLS):
+        x = normal(args.batch, size, size, c)
+        dy = normal(args.batch, size // window, size // window, c)
+        ops = {"xla": jax_pool_ops(x, dy, window, kernels=False), "archlab": jax_pool_ops(x, dy, window, kernels=True)}
+        if against:
+            with cpu_kernels.tracing_with(AGAINST):
+                ops[against] = jax_pool_ops(x, dy, window, kernels=True)
+        if "pytorch" in libraries:
+            ops["pytorch"] = torch_pool_ops(x, dy, window)
+        pools.append({"layer": name, "shape": [args.batch, size, size, c, window],
+                      **timed(ops, POOL_OPS, args.rounds, against), **difference(ops, POOL_OPS, against)})
+        report(pools[-1], POOL_OPS, libraries)
     norms = []
     norm_libraries = [lib for lib in libraries if lib != "pytorch"]  # PyTorch has no statistics op alone
     for name, size, c in chosen(NORMS):
@@ -318,7 +364,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = " ".join(["python scripts/conv_bench.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
               "command": command, "batch": args.batch, "rounds": args.rounds, "against": args.against, "rows": rows,
-              "attention": attention, "norms": norms}
+              "attention": attention, "pools": pools, "norms": norms}
     out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
     out.with_suffix(".json.partial").replace(out)
     def table(title: str, unit: str, names: tuple, found: list, libs: list) -> list[str]:
@@ -343,6 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines += table("layer", "ms (fwd / dx / dW)", OPS, rows, libraries)
     lines += table("attention (batch, positions, heads, head size, causal: the suite's)", "ms (fwd / fwd + bwd)",
                    ATTENTION_OPS, attention, libraries)
+    lines += table("max pool (height = width, channels, window)", "ms (fwd / fwd + bwd)", POOL_OPS, pools,
+                   libraries)
     lines += table("batch-norm statistics (sum and sum of squares per channel)", "ms", NORM_OPS, norms,
                    norm_libraries)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

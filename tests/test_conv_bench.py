@@ -1,5 +1,5 @@
 """scripts/conv_bench.py: runs, writes sane figures for the three libraries (convolutions, dense layers,
-attention, batch-norm statistics) and for another build of archlab's kernels (--against), and names bad
+attention, max pools, batch-norm statistics) and for another build of archlab's kernels (--against), and names bad
 arguments."""
 
 import json
@@ -20,7 +20,7 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
     assert layers[:2] == ["resnet20 stage 1", "resnet20 stage 2"] and "gpt d384 fc1" in layers
     # HEAD's build of the kernels, timed in turn with the working tree's: the same results up to rounding
     for row, names in [(r, ("forward", "input_grad", "weight_grad")) for r in result["rows"]] + [
-            (r, ("forward", "forward_backward")) for r in result["attention"]] + [
+            (r, ("forward", "forward_backward")) for r in result["attention"] + result["pools"]] + [
             (r, ("statistics",)) for r in result["norms"]]:
         for op in names:
             median, low, high = row["speedup"][op]
@@ -32,7 +32,8 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
     assert [r["layer"] for r in result["attention"]] == ["gpt d384 attention", "gpt d128 attention",
                                                           "vit_tiny attention", "transformer decoder self-attention",
                                                           "transformer encoder self-attention"]
-    for row in result["attention"]:
+    assert [r["shape"] for r in result["pools"]] == [[2, 24, 24, 6, 2], [2, 8, 8, 16, 2]]
+    for row in result["attention"] + result["pools"]:
         for lib in ("xla", "archlab", "pytorch"):
             assert all(0 < row[lib][op] < 10_000 for op in ("forward", "forward_backward")), (row, lib)
     assert [r["shape"] for r in result["norms"]] == [[2, 28, 28, 16], [2, 14, 14, 32], [2, 7, 7, 64]]
@@ -40,7 +41,7 @@ def test_conv_bench_times_every_layer_in_every_library(tmp_path):
         assert all(0 < row[lib]["statistics"] < 10_000 for lib in ("xla", "archlab")), row
     markdown = out.with_suffix(".md").read_text()
     assert "| resnet20 stage 1 |" in markdown and "| gpt d384 attention |" in markdown
-    assert "| resnet20 stage 3 batch norm |" in markdown
+    assert "| resnet20 stage 3 batch norm |" in markdown and "| lenet pool 1 |" in markdown
     assert "archlab / archlab@HEAD (fwd / dx / dW): speedup [range], largest difference" in markdown
 
 

@@ -644,7 +644,8 @@ def test_flops_count_the_fused_attention():
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE (4)
 def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
     """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
-    process, the build's flags patched), convolutions, the max pool and attention still equal lax's."""
+    process, the build's flags patched), convolutions, the max pool (values and gradients) and attention still
+    equal lax's."""
     import subprocess
     import sys
 
@@ -664,8 +665,17 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
-x = jax.random.normal(jax.random.key(1), (3, 11, 10, 20))
-np.testing.assert_array_equal(layers.max_pool(x, 2), nnx.max_pool(x, (2, 2), (2, 2)))
+# the max pool's vectors over a pixel's channels, their last few lanes (3, 6: several pixels a vector; 20: 2.5
+# vectors), odd widths; with ties, each window's gradient to its first maximum, as select-and-scatter's
+for shape in [(3, 11, 10, 20), (2, 9, 11, 3), (2, 24, 24, 6), (1, 8, 22, 1)]:
+    x = jnp.round(jax.random.normal(jax.random.key(1), shape) * 2)
+    pool = lambda v: layers.max_pool(v, 2)
+    np.testing.assert_array_equal(pool(x), nnx.max_pool(x, (2, 2), (2, 2)))
+    weights = jax.random.normal(jax.random.key(2), pool(x).shape)
+    grads = (jax.jit(jax.grad(lambda v: jnp.sum(f(v) * weights)))(x)
+             for f in (pool, lambda v: nnx.max_pool(v, (2, 2), (2, 2))))
+    np.testing.assert_array_equal(*grads)
+    assert "archlab_max_pool_grad" in str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(pool(v))))(x))
 # 16 vector registers here, so the dense kernel's 1-2 vector blocks (the 6 x 4-vector ones need 32); cpu_dot gives
 # it dy of fewer than 128 columns and leaves wider ones to XLA's dot
 assert cpu_kernels.vector_registers() == 16
