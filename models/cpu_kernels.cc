@@ -233,22 +233,37 @@ __attribute__((noinline)) static void narrow_block(const float* dr, int64_t drow
   for (int64_t o = 0; o < co; o += kLanes)
     for (int64_t t = 0; t < th; ++t)
       for (int64_t u = u0; u < u1; ++u) {
-        vec wv[C];
-        for (int k = 0; k < C; ++k) {
-          wv[k] = *(const vec*)(wq + ((t * tw + u) * C + k) * co + o);
-          in_register(wv[k]);
-        }
-        for (int p = 0; p < P; ++p) {
-          vec d = *(const vec*)(dr + t * drow + (p + u) * co + o);
-          in_register(d);
-          for (int k = 0; k < C; ++k) acc[p][k] += d * wv[k];
+        const float* wt = wq + (t * tw + u) * C * co + o;
+        if constexpr (P * C + C + 1 <= kRegisters) {  // the C weight vectors in registers, the P pixels' dy in turn
+          vec wv[C];
+          for (int k = 0; k < C; ++k) {
+            wv[k] = *(const vec*)(wt + k * co);
+            in_register(wv[k]);
+          }
+          for (int p = 0; p < P; ++p) {
+            vec d = *(const vec*)(dr + t * drow + (p + u) * co + o);
+            in_register(d);
+            for (int k = 0; k < C; ++k) acc[p][k] += d * wv[k];
+          }
+        } else {  // 16 registers: the P pixels' dy in registers, each weight vector loaded once for all of them
+          vec d[P];
+          for (int p = 0; p < P; ++p) {
+            d[p] = *(const vec*)(dr + t * drow + (p + u) * co + o);
+            in_register(d[p]);
+          }
+          for (int k = 0; k < C; ++k) {
+            vec w = *(const vec*)(wt + k * co);
+            in_register(w);
+            for (int p = 0; p < P; ++p) acc[p][k] += d[p] * w;
+          }
         }
       }
   for (int p = 0; p < P; ++p)
     for (int k = 0; k < C; ++k) x[p * xstride + k] = sum_lanes(acc[p][k]);
 }
 
-constexpr int narrow_pixels(int c) { return std::max(1, std::min(4, (kRegisters - 2 - c) / c)); }
+// P x C accumulators, P dy vectors and a weight vector fit the registers
+constexpr int narrow_pixels(int c) { return std::max(1, std::min(4, (kRegisters - 1) / (c + 1))); }
 
 template <int C, int P = narrow_pixels(C)>
 static void narrow_tail(int np, const float* dr, int64_t drow, int64_t co, const float* wq, int64_t th, int64_t tw,
