@@ -665,8 +665,9 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
-# the max pool's vectors over a pixel's channels, their last few lanes (3, 6: several pixels a vector; 20: 2.5
-# vectors), odd widths; with ties, each window's gradient to its first maximum, as select-and-scatter's
+# the max pool's vectors over a pixel's channels, their last few lanes (1, 3, 6: under a vector, whole-vector
+# stores spilling onto the next taps; 20: 2.5 vectors), odd widths; with ties, each window's gradient to its first
+# maximum, as select-and-scatter's
 for shape in [(3, 11, 10, 20), (2, 9, 11, 3), (2, 24, 24, 6), (1, 8, 22, 1)]:
     x = jnp.round(jax.random.normal(jax.random.key(1), shape) * 2)
     pool = lambda v: layers.max_pool(v, 2)
