@@ -709,17 +709,7 @@ static inline vec load_lanes(const float* p, int n) {
 }
 
 // v's first n lanes at p, and its others after them if `room` (floats from p) holds a whole vector.
-static inline void store_lanes(float* p, vec v, int n, int64_t room) {
-  if (n == kLanes || room >= kLanes) {
-    *(vec*)p = v;
-    return;
-  }
-#ifdef __AVX2__
-  _mm256_maskstore_ps(p, lanes_below(n), (__m256)v);
-#else
-  for (int l = 0; l < n; ++l) p[l] = v[l];
-#endif
-}
+static inline void store_lanes(float* p, vec v, int n, int64_t room) { store(p, v, room >= kLanes ? kLanes : n); }
 
 static void pool_pixel(const float* x, int64_t row, int64_t k, int64_t c, float* y, uint8_t* where,
                        int64_t room) {
