@@ -13,6 +13,7 @@ compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py comput
 """
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -145,6 +146,15 @@ def tracing_with(prefix: str):
         yield
     finally:
         _prefix = saved
+
+
+@functools.cache
+def intel() -> bool:
+    """Whether the CPU is Intel's (/proc/cpuinfo's vendor_id GenuineIntel): a kernel choice measured per vendor."""
+    try:
+        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def target(name: str) -> str:

@@ -439,14 +439,21 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
 # The dense weight-gradient kernel's register blocks are 6 rows of dW by 4 vectors where the build has 32 vector
 # registers (AVX-512, NEON) and 6 by 2 with AVX2's 16, where they ran at 0.5-0.85x XLA's dot (YNNPACK) for dy of 128
 # columns and more at 768 rows and up (GPT 6x384's 384 -> 1536 at 2048 rows: 0.58x), and at 1.3-2.2x it for 64
-# columns (Zen 3; README, Performance).
+# columns (Zen 3; README, Performance). On an Intel Xeon (AVX-512) the blocks, which read dy in place, ran 0.85-0.9x
+# XLA's dot (which packs its operands first) for dy of more than DENSE_INTEL_COLUMNS columns (GPT 6x384's 1536: each
+# row a page further), level at 384 and ahead at 128-512 columns and ResNet-18's patch matmuls (1.2-1.7x); AMD's
+# Zen 5 ran them ahead at 1536 too (1.09-1.18x).
 DENSE_NARROW_COLUMNS = 128
+DENSE_INTEL_COLUMNS = 1024
 
 
 def _dense_kernel_pays(columns: int) -> bool:
     """Whether a dense layer's weight gradient with dy of `columns` columns takes archlab's dense kernel."""
-    return columns % cpu_kernels.DENSE_WIDTH == 0 and (cpu_kernels.vector_registers() >= 32
-                                                        or columns < DENSE_NARROW_COLUMNS)
+    if columns % cpu_kernels.DENSE_WIDTH:
+        return False
+    if columns < DENSE_NARROW_COLUMNS:
+        return True
+    return cpu_kernels.vector_registers() >= 32 and not (cpu_kernels.intel() and columns > DENSE_INTEL_COLUMNS)
 
 
 # Eigen (XLA's dot for dense weight gradients on AVX2) ran x^T dy 1.06-1.4x faster as (dy^T x)^T where dW is at

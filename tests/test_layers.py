@@ -423,6 +423,27 @@ def test_tall_weight_gradient_is_the_transpose_of_the_wide_product():
     assert dots(layers.TALL_MIN_ROWS // 2) == [("400", "100")]
 
 
+@pytest.mark.parametrize("intel, registers, kernel_at", [
+    (False, 32, (64, 384, 1024, 1536)), (True, 32, (64, 384, 1024)), (False, 16, (64,)), (True, 16, (64,))])
+def test_dense_weight_gradient_takes_the_kernel_where_it_was_measured_faster(monkeypatch, intel, registers, kernel_at):
+    """The dense kernel takes dy narrower than DENSE_NARROW_COLUMNS everywhere, wider with 32 vector registers,
+    but not dy wider than DENSE_INTEL_COLUMNS on Intel's CPUs (XLA's dot ran GPT 6x384's 1536 faster there)."""
+    monkeypatch.setattr(cpu_kernels, "intel", lambda: intel)
+    monkeypatch.setattr(cpu_kernels, "vector_registers", lambda: registers)
+    widths = (64, 384, 1024, 1536)
+    assert layers.DENSE_NARROW_COLUMNS <= 384 and layers.DENSE_INTEL_COLUMNS in range(1024, 1536)
+    assert tuple(w for w in widths if layers._dense_kernel_pays(w)) == kernel_at
+    assert not layers._dense_kernel_pays(72)  # not whole 4-vector rows: XLA's dot
+
+
+def test_dense_weight_gradient_of_1536_columns_follows_the_rule_on_this_machine():
+    x, dy = jax.random.normal(jax.random.key(1), (256, 64)), jax.random.normal(jax.random.key(2), (256, 1536))
+    jaxpr = str(jax.make_jaxpr(layers._dense_weight_grad)(x, dy))
+    assert ("archlab_dense_weight_grad" in jaxpr) == layers._dense_kernel_pays(1536)
+    assert layers._dense_kernel_pays(1536) == (cpu_kernels.vector_registers() >= 32 and not cpu_kernels.intel())
+    np.testing.assert_allclose(jax.jit(layers._dense_weight_grad)(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("shape", [(8, 5, 5, 12), (64, 3), (4, 9, 9, 40)])
 def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(shape, conv_kernels):
     x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
