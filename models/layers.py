@@ -439,10 +439,11 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
 # The dense weight-gradient kernel's register blocks are 6 rows of dW by 4 vectors where the build has 32 vector
 # registers (AVX-512, NEON) and 6 by 2 with AVX2's 16, where they ran at 0.5-0.85x XLA's dot (YNNPACK) for dy of 128
 # columns and more at 768 rows and up (GPT 6x384's 384 -> 1536 at 2048 rows: 0.58x), and at 1.3-2.2x it for 64
-# columns (Zen 3; README, Performance). On an Intel Xeon (AVX-512) the blocks, which read dy in place, ran 0.85-0.9x
-# XLA's dot (which packs its operands first) for dy of more than DENSE_INTEL_COLUMNS columns (GPT 6x384's 1536: each
-# row a page further), level at 384 and ahead at 128-512 columns and ResNet-18's patch matmuls (1.2-1.7x); AMD's
-# Zen 5 ran them ahead at 1536 too (1.09-1.18x).
+# columns (Zen 3; README, Performance). On an Intel Xeon (AVX-512) the kernel, which reads dy's rows in place, ran
+# 0.76-0.89x XLA's dot (which packs its operands first) for GPT 6x384's dy of 1536 columns, each row a page further,
+# and led at 128-384 columns (1.08-1.5x) and at ResNet-18's patch matmuls (1.2-1.7x); so on Intel's CPUs dy wider
+# than DENSE_INTEL_COLUMNS goes to XLA's dot (GPT 6x384's step 1.18x). AMD's Zen 5 ran 1536 columns 1.09-1.18x
+# faster on the kernel.
 DENSE_NARROW_COLUMNS = 128
 DENSE_INTEL_COLUMNS = 1024
 
