@@ -152,9 +152,10 @@ def tracing_with(prefix: str):
 def intel() -> bool:
     """Whether the CPU is Intel's (/proc/cpuinfo's vendor_id GenuineIntel): a kernel choice measured per vendor."""
     try:
-        return "GenuineIntel" in Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return False
+    return any(line.startswith("vendor_id") and line.split(":")[-1].strip() == "GenuineIntel" for line in lines)
 
 
 def target(name: str) -> str:

@@ -441,8 +441,9 @@ def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, p
 # columns and more at 768 rows and up (GPT 6x384's 384 -> 1536 at 2048 rows: 0.58x), and at 1.3-2.2x it for 64
 # columns (Zen 3; README, Performance). On an Intel Xeon (AVX-512) the kernel, which reads dy's rows in place, ran
 # 0.76-0.89x XLA's dot (which packs its operands first) for GPT 6x384's dy of 1536 columns, each row a page further,
-# and led at 128-384 columns (1.08-1.5x) and at ResNet-18's patch matmuls (1.2-1.7x); so on Intel's CPUs dy wider
-# than DENSE_INTEL_COLUMNS goes to XLA's dot (GPT 6x384's step 1.18x). AMD's Zen 5 ran 1536 columns 1.09-1.18x
+# 0.76-0.99x for its x of 1536 columns, and led at 128-384 columns with narrower x (1.08-1.6x) and at ResNet-18's
+# patch matmuls (1.2-1.7x). So on Intel's CPUs dy wider than DENSE_INTEL_COLUMNS goes to XLA's dot: GPT 6x384's step
+# 1.18x, where moving every dW of 128 columns or more gained less (1.09x). AMD's Zen 5 ran 1536 columns 1.09-1.18x
 # faster on the kernel.
 DENSE_NARROW_COLUMNS = 128
 DENSE_INTEL_COLUMNS = 1024
