@@ -62,13 +62,20 @@ def _flags() -> list[str]:
     return flags
 
 
+@functools.cache
+def _cpuinfo() -> list[str] | None:
+    """/proc/cpuinfo's lines, None where there is none."""
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+
+
 def _cpu_id() -> str:
     """What `-march=native` compiles for: the CPU's model and feature flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return "\n".join(sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))}))
-    except OSError:
+    if _cpuinfo() is None:
         return platform.processor()
+    return "\n".join(sorted({line for line in _cpuinfo() if line.startswith(("model name", "flags"))}))
 
 
 def library_path(sources: list[Path] = SOURCES) -> Path:
@@ -148,14 +155,10 @@ def tracing_with(prefix: str):
         _prefix = saved
 
 
-@functools.cache
 def intel() -> bool:
     """Whether the CPU is Intel's (/proc/cpuinfo's vendor_id GenuineIntel): a kernel choice measured per vendor."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    return any(line.startswith("vendor_id") and line.split(":")[-1].strip() == "GenuineIntel" for line in lines)
+    return any(line.startswith("vendor_id") and line.split(":")[-1].strip() == "GenuineIntel"
+               for line in _cpuinfo() or [])
 
 
 def target(name: str) -> str:

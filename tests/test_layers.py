@@ -433,7 +433,7 @@ def test_dense_weight_gradient_takes_the_kernel_where_it_was_measured_faster(mon
     widths = (64, 384, 1024, 1536)
     assert layers.DENSE_NARROW_COLUMNS <= 384 and layers.DENSE_INTEL_COLUMNS in range(1024, 1536)
     assert tuple(w for w in widths if layers._dense_kernel_pays(w)) == kernel_at
-    assert not layers._dense_kernel_pays(72)  # not whole 4-vector rows: XLA's dot
+    assert not layers._dense_kernel_pays(72)  # not a multiple of DENSE_WIDTH (16) columns: XLA's dot
 
 
 def test_dense_weight_gradient_of_1536_columns_follows_the_rule_on_this_machine():
