@@ -103,24 +103,6 @@ void matmul(const float* a, int64_t ar, int64_t ad, int64_t rows, const float* b
   }
 }
 
-// e^x for x <= 0 (as the softmax's shifted logits are): Cephes' expf, a degree-6 polynomial on
-// x - n ln 2, times 2^n; x below -87 gives 2^-126 rather than 0.
-inline vec exp_neg(vec x) {
-  const vec lo = vec{} - 87.0f;
-  x = x < lo ? lo : x;
-  vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));
-  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  return p * (vec)bits;
-}
-
 vec iota() {
   vec v;
   for (int l = 0; l < kLanes; ++l) v[l] = (float)l;

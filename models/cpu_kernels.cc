@@ -688,26 +688,6 @@ static void unpool_group(const float* gy, const uint8_t* where, int64_t row, int
 // of 8) AVX2's masked loads, and whole-vector stores where the lanes past the pixel's are written again later by
 // the same task (`room`: the floats from the pixel's first to the end of what the task writes in order): AVX2's
 // masked stores are slow, and per channel, as scalar code, the pool was a quarter of LeNet's step on the Zen 3.
-typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));
-
-#ifdef __AVX2__
-static inline __m256i lanes_below(int n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-#endif
-
-// The first n (<= kLanes) floats at p; the other lanes are not used.
-static inline vec load_lanes(const float* p, int n) {
-  if (n == kLanes) return *(const vec*)p;
-#ifdef __AVX2__
-  return (vec)_mm256_maskload_ps(p, lanes_below(n));
-#else
-  vec v = {};
-  for (int l = 0; l < n; ++l) v[l] = p[l];
-  return v;
-#endif
-}
-
 // v's first n lanes at p, and its others after them if `room` (floats from p) holds a whole vector.
 static inline void store_lanes(float* p, vec v, int n, int64_t room) { store(p, v, room >= kLanes ? kLanes : n); }
 

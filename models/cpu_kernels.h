@@ -93,6 +93,45 @@ static inline void store(float* p, vec v, int n) {
 #endif
 }
 
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes), aligned(4)));  // vec's lanes as integers
+
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline __m256i lanes_below(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
+// The first n (<= kLanes) floats at p, the other lanes zero.
+static inline vec load_lanes(const float* p, int n) {
+  if (n == kLanes) return *(const vec*)p;
+#if defined(__AVX512F__)
+  return (vec)_mm512_maskz_loadu_ps(first_lanes(n), p);
+#elif defined(__AVX2__)
+  return (vec)_mm256_maskload_ps(p, lanes_below(n));
+#else
+  vec v = {};
+  for (int l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+#endif
+}
+
+// e^x for x <= 0 (the softmax's shifted logits, a state space model's dt A): Cephes' expf, a degree-6 polynomial on
+// x - n ln 2, times 2^n; x below -87 gives 2^-126 rather than 0.
+static inline vec exp_neg(vec x) {
+  const vec lo = vec{} - 87.0f;
+  x = x < lo ? lo : x;
+  vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vec p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  return p * (vec)bits;
+}
+
 // Runs f(i, slot) for i in [0, count) on the caller and up to workers - 1 of XLA's intra-op threads; slot < workers
 // names the participant. Late tasks find no work left; the shared state outlives the call for them.
 template <class F>

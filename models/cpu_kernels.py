@@ -1,15 +1,16 @@
 """NHWC fp32 convolutions, max pooling and dense weight gradients (models/cpu_kernels.cc), attention
-(models/cpu_attention.cc) and BatchNorm's statistics (models/cpu_norm.cc) for the CPU, called from jitted code
-through XLA's FFI.
+(models/cpu_attention.cc), BatchNorm's statistics (models/cpu_norm.cc) and Mamba's selective scan
+(models/cpu_scan.cc) for the CPU, called from jitted code through XLA's FFI.
 
 XLA's CPU convolutions (Eigen) were ResNet-20's and LeNet's bottleneck, and LeNet's max-pool gradient (YNNPACK's
 tie count) its largest kernel; these run a 3x3 layer's forward, input gradient and weight gradient 2-5x faster
 (README, Performance); attention's batched products and separate softmax passes run fused, 1.8-2.1x; a dense
 layer's weight gradient, which XLA gives Eigen with transposed copies, 1.2x; BatchNorm's two per-channel sums in
-one pass, 1.5-2.1x. The C++
-files are compiled for this machine (`-march=native`) the first time they are needed, into
+one pass, 1.5-2.1x; the selective scan, a loop of small kernels per token in XLA, with its state in registers,
+8-11x forward and backward at the Mamba LM's shape. The C++ files are compiled for this machine (`-march=native`) the first time they are needed, into
 ~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's version and the CPU; with no C++
-compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py compute with XLA alone.
+compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py and models/sequential_scan.py compute
+with XLA alone.
 """
 
 import contextlib
@@ -33,13 +34,14 @@ from jax import lax
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc", "cpu_norm.cc")]
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc", "cpu_norm.cc", "cpu_scan.cc")]
 TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_grad": "ArchlabConvInputGrad",
            "archlab_conv_weight_grad": "ArchlabConvWeightGrad",
            "archlab_dense_weight_grad": "ArchlabDenseWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
            "archlab_max_pool_grad": "ArchlabMaxPoolGrad", "archlab_attention": "ArchlabAttention",
            "archlab_attention_grad": "ArchlabAttentionGrad",
-           "archlab_channel_moments": "ArchlabChannelMoments"}
+           "archlab_channel_moments": "ArchlabChannelMoments", "archlab_selective_scan": "ArchlabSelectiveScan",
+           "archlab_selective_scan_grad": "ArchlabSelectiveScanGrad"}
 PREFIX = "archlab_"  # the registered names above start with it; another build's with its own (`register`)
 
 _enabled = True
@@ -204,9 +206,13 @@ def dense_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
 
 
 def kernel_flops(target: str, in_shapes, out_shapes, attributes: dict) -> float:
-    """FLOPs of one call of a convolution, dense weight-gradient or attention kernel (2 per multiply-add), which
-    XLA's cost analysis, blind to custom calls, leaves out (train/flops.py adds them). Attention counts the
-    products a causal mask leaves (half) and not the backward's recomputed logits, as model FLOPs do."""
+    """FLOPs of one call of a convolution, dense weight-gradient, attention or selective-scan kernel (2 per
+    multiply-add), which XLA's cost analysis, blind to custom calls, leaves out (train/flops.py adds them).
+    Attention counts the products a causal mask leaves (half) and not the backward's recomputed logits, as model
+    FLOPs do; the scan's backward likewise leaves out its recomputed states."""
+    if target.startswith("archlab_selective_scan"):  # dt (B, L, D), A (D, N): per (b, t, d, n) the forward's 6
+        (b, length, d), n = in_shapes[0], in_shapes[1][1]  # (as XLA counts the lax.scan), the backward's 18
+        return (18.0 if target.endswith("_grad") else 6.0) * b * length * d * n
     if target.startswith("archlab_attention"):
         (b, t, h, dh), s = in_shapes[0], in_shapes[1][1]
         products = 2 if target == "archlab_attention" else 4  # q k^T, p v; and dp, dq, dk, dv
@@ -269,3 +275,28 @@ def channel_moments(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
     x) and those of its gradient (a = dy, b = x)."""
     out = jax.ShapeDtypeStruct(a.shape[-1:], jnp.float32)
     return jax.ffi.ffi_call(target("channel_moments"), (out, out), vmap_method="sequential")(a, b)
+
+
+SCAN_CHUNK = 64  # cpu_scan.cc's kChunk: the forward keeps the state entering every SCAN_CHUNK-th token
+SCAN_MAX_STATES = 256  # cpu_scan.cc's kMaxStates
+
+
+def selective_scan(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, h0: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t, y_t = C_t h_t for dt, x (B, L, D), A (D, N) with dt A <= 0, B, C
+    (B, L, N), h0 (B, D, N) -> y (B, L, D), the last state (B, D, N) and the state entering every SCAN_CHUNK-th
+    token (B, chunks, N, D), which `selective_scan_grad` starts from."""
+    (b, length, d), n = x.shape, A.shape[1]
+    chunks = -(-length // SCAN_CHUNK)
+    shapes = ((b, length, d), (b, d, n), (b, chunks, n, d))
+    return jax.ffi.ffi_call(target("selective_scan"), tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes),
+                            vmap_method="sequential")(dt, A, B, C, x, h0)
+
+
+def selective_scan_grad(dt: jax.Array, A: jax.Array, B: jax.Array, C: jax.Array, x: jax.Array, chunk_states: jax.Array,
+                        dy: jax.Array, dh_last: jax.Array) -> tuple[jax.Array, ...]:
+    """(ddt, dA, dB, dC, dx, dh0) of `selective_scan` from its inputs, chunk states and the cotangents of y and the
+    last state."""
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (dt, A, B, C, x, dh_last))
+    return jax.ffi.ffi_call(target("selective_scan_grad"), shapes, vmap_method="sequential")(
+        dt, A, B, C, x, chunk_states, dy, dh_last)

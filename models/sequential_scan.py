@@ -11,11 +11,15 @@ entering each step, and the backward pass is one reverse recurrence for the stat
     ddt_t = sum_n g_t h_{t-1} a_t A + x_t sum_n g_t B_t    dA = sum_{b,t} g_t h_{t-1} a_t dt_t
 
 with a_t and h_t recomputed from the stored h_{t-1}. On a 2-core CPU this made the Mamba LM's training step
-1.1-1.25x faster than autodiff of the same scan (README, Performance).
+1.1-1.25x faster than autodiff of the same scan (README, Performance). Where archlab's CPU kernels apply (fp32, one
+CPU device), the same two recurrences run as one C++ kernel each (models/cpu_scan.cc), the state in registers.
 """
 
 import jax
 import jax.numpy as jnp
+
+from models import cpu_kernels
+from models.layers import cpu_kernels_apply
 
 Array = jax.Array
 
@@ -77,6 +81,24 @@ def _scan_bwd(residuals, cotangents):
 _scan.defvjp(_scan_fwd, _scan_bwd)
 
 
+@jax.custom_vjp
+def _kernel_scan(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array) -> tuple[Array, Array]:
+    y, h_last, _ = cpu_kernels.selective_scan(dt, A, B, C, x, h0)
+    return y, h_last
+
+
+def _kernel_scan_fwd(dt, A, B, C, x, h0):
+    y, h_last, chunk_states = cpu_kernels.selective_scan(dt, A, B, C, x, h0)
+    return (y, h_last), (dt, A, B, C, x, chunk_states)
+
+
+def _kernel_scan_bwd(residuals, cotangents):
+    return cpu_kernels.selective_scan_grad(*residuals, *cotangents)
+
+
+_kernel_scan.defvjp(_kernel_scan_fwd, _kernel_scan_bwd)
+
+
 def scan_sequential(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array | None = None) -> tuple[Array, Array]:
     """One step per token; the fastest scan on CPU.
 
@@ -84,6 +106,8 @@ def scan_sequential(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array
     """
     dtype = jnp.result_type(dt, A, B, C, x)
     h0 = jnp.zeros((x.shape[0], *A.shape), dtype) if h0 is None else h0.astype(dtype)
+    if A.shape[1] <= cpu_kernels.SCAN_MAX_STATES and cpu_kernels_apply(dt, A, B, C, x, h0):
+        return _kernel_scan(dt, A, B, C, x, h0)
     time_major = [jnp.swapaxes(v, 0, 1).astype(dtype) for v in (dt, B, C, x)]  # (L, B, ...)
     y, h = _scan(time_major[0], A.astype(dtype), *time_major[1:], h0)
     return jnp.swapaxes(y, 0, 1), h

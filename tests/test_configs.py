@@ -78,14 +78,16 @@ def test_runtime_cpu_kernels_switches_archlab_cpu_convolutions(on):
     assert out.strip() == str(on)
 
 
-def test_state_space_models_pick_the_ssm_runtime_and_xla_takes_its_reductions_back():
-    """model=mamba/simba select conf/runtime/ssm.yaml; under it XLA, not YNNPACK, compiles a reduction."""
+def test_the_ssm_runtime_splits_the_cpu_and_xla_takes_its_reductions_back():
+    """runtime=ssm (the state space models' XLA scan, where archlab's kernels are off): two CPU devices, and XLA,
+    not YNNPACK, compiles a reduction. Mamba and Simba themselves run the default runtime, where the scan kernel
+    applies."""
     from train.config import compose
 
-    assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off
-    assert compose(["model=simba"]).runtime.ynn_reduce_fusion_off
-    assert not compose(["model=gpt", "data=bytes"]).runtime.ynn_reduce_fusion_off
-    assert not compose(["model=mamba", "data=bytes", "runtime=default"]).runtime.ynn_reduce_fusion_off
+    ssm = compose(["model=mamba", "data=bytes", "runtime=ssm"]).runtime
+    assert ssm.ynn_reduce_fusion_off and ssm.cpu_devices == 2
+    for model in (["model=mamba", "data=bytes"], ["model=simba"]):
+        assert compose(model).runtime == compose(["model=gpt", "data=bytes"]).runtime
 
     def reduction_fusions(reduce_off: bool) -> str:
         return after_runtime_apply(
@@ -110,17 +112,16 @@ def test_a_runtime_autotune_that_is_not_true_false_or_auto_is_a_one_line_error()
     assert proc.stderr.strip() == "error: runtime.autotune=always is not valid (valid: true, false, auto)"
 
 
-def test_small_kernel_models_split_the_cpu_into_two_devices_and_an_explicit_count_wins():
-    """Mamba and Simba select runtime cpu_devices=2: two XLA CPU devices, the batch split over them by the mesh's
-    data axis, each device's Eigen kernels single-threaded."""
-    for overrides in (["model=mamba", "data=bytes"], ["model=simba"], ["model=vit_tiny", "runtime=data_parallel"],
+def test_the_data_parallel_runtimes_split_the_cpu_into_two_devices_and_an_explicit_count_wins():
+    """runtime=data_parallel (and ssm, which extends it): two XLA CPU devices, the batch split over them by the
+    mesh's data axis, each device's Eigen kernels single-threaded. Every model's own config keeps one device."""
+    for overrides in (["model=mamba", "data=bytes", "runtime=ssm"], ["model=vit_tiny", "runtime=data_parallel"],
                       ["model=transformer", "data=numbers_en_fr", "runtime=data_parallel"]):
         assert compose(overrides).runtime.cpu_devices == 2, overrides
     for overrides in (["model=gpt", "data=bytes"], ["model=lenet"], ["model=resnet20"], ["model=mlp"],
-                      ["model=vit_tiny"], ["model=transformer", "data=numbers_en_fr"],
-                      ["model=simba", "runtime=default"]):
+                      ["model=vit_tiny"], ["model=transformer", "data=numbers_en_fr"], ["model=mamba", "data=bytes"],
+                      ["model=simba"], ["model=simba", "runtime=ssm", "runtime.cpu_devices=1"]):
         assert compose(overrides).runtime.cpu_devices == 1, overrides
-    assert compose(["model=mamba", "data=bytes"]).runtime.ynn_reduce_fusion_off  # ssm keeps its own switch
 
     def devices(xla_flags: str | None) -> list[str]:
         return after_runtime_apply("ynn_conv_fusion_off=False, compilation_cache=False, cpu_devices=2",
@@ -139,7 +140,7 @@ def test_a_cpu_device_count_that_is_not_a_positive_integer_is_a_one_line_error()
 
 
 def test_a_batch_the_split_cpu_cannot_divide_names_the_runtime_switch():
-    proc = run_cli(["model=simba", "trainer.batch_size=7"], check=False, timeout=120)
+    proc = run_cli(["model=simba", "runtime=ssm", "trainer.batch_size=7"], check=False, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == ("error: trainer.batch_size=7 is not divisible by the 2 data-parallel devices (mesh "
                                    "data x fsdp = 2 x 1); use a multiple of 2, or runtime.cpu_devices=1 (this config "

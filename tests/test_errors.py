@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -115,12 +116,24 @@ def test_model_options_a_model_does_not_have(tmp_path, args, expected):
                       "runtime, trainer; +nosuchkey=VALUE adds one)"),
     (["trainer.epochs=3"], "error: trainer.epochs is not a setting of trainer=default (valid: batch_size, "),
     (["checkpoint.evry=3"], "error: checkpoint.evry is not a setting of checkpoint (valid: async_save, every, keep)"),
-    (["model=mamba", "data=bytes", "runtime.cpu_device=1"],  # mamba picks runtime=ssm, which extends default
+    (["runtime=ssm", "runtime.cpu_device=1"],  # ssm extends data_parallel, which extends default
      "error: runtime.cpu_device is not a setting of runtime=ssm (valid: autotune, compilation_cache, cpu_devices"),
 ])
 def test_a_key_the_config_does_not_have_is_one_line(tmp_path, args, expected):
     """Checked before Hydra composes (its own message is five lines); `+KEY=VALUE` adds a key instead."""
     assert one_line_error([*args, f"hydra.run.dir={tmp_path}"]).startswith(expected)
+
+
+def test_a_model_config_that_picks_a_runtime_is_checked_against_that_runtime(tmp_path):
+    """A model config of the user's (--config-dir) may select another group's option, as Hydra allows: the key
+    check reads the options it picks."""
+    (tmp_path / "model").mkdir()
+    mamba = (Path(__file__).parents[1] / "conf" / "model" / "mamba.yaml").read_text()
+    (tmp_path / "model" / "my_mamba.yaml").write_text(
+        "defaults:\n  - override /runtime@_global_.runtime: ssm\n  - _self_\n" + mamba)
+    error = one_line_error(["--config-dir", str(tmp_path), "model=my_mamba", "data=bytes", "runtime.cpu_device=1",
+                            f"hydra.run.dir={tmp_path / 'run'}"])
+    assert error.startswith("error: runtime.cpu_device is not a setting of runtime=ssm (valid: autotune, ")
 
 
 @pytest.mark.parametrize("args, expected", [

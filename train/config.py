@@ -129,7 +129,7 @@ def check_override_keys(overrides: list[str]) -> None:
 
 def group_choices(overrides: list[str], primary: DictConfig, dirs: Sequence[Path]) -> dict[str, str]:
     """The option of each group of the primary config's defaults: the command line's, one a chosen option picks
-    (model=mamba's `override /runtime@...: ssm`), or the default."""
+    (a model config's `override /runtime@_global_.runtime: ssm`), or the default."""
     given = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if "=" in o and not o.startswith(("+", "-"))}
     choices = {group: given.get(group, option) for entry in primary.defaults if not isinstance(entry, str)
                for group, option in entry.items()}
