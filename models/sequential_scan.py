@@ -104,10 +104,11 @@ def scan_sequential(dt: Array, A: Array, B: Array, C: Array, x: Array, h0: Array
 
     dt, x (B, L, D); A (D, N); B, C (B, L, N); h0 (B, D, N) or None -> (y (B, L, D), last state (B, D, N)).
     """
-    dtype = jnp.result_type(dt, A, B, C, x)
+    dtype = jnp.result_type(dt, A, B, C, x)  # float32 under bfloat16 compute: Mamba passes x in float32
+    dt, A, B, C, x = (v.astype(dtype) for v in (dt, A, B, C, x))
     h0 = jnp.zeros((x.shape[0], *A.shape), dtype) if h0 is None else h0.astype(dtype)
     if A.shape[1] <= cpu_kernels.SCAN_MAX_STATES and cpu_kernels_apply(dt, A, B, C, x, h0):
         return _kernel_scan(dt, A, B, C, x, h0)
-    time_major = [jnp.swapaxes(v, 0, 1).astype(dtype) for v in (dt, B, C, x)]  # (L, B, ...)
-    y, h = _scan(time_major[0], A.astype(dtype), *time_major[1:], h0)
+    time_major = [jnp.swapaxes(v, 0, 1) for v in (dt, B, C, x)]  # (L, B, ...)
+    y, h = _scan(time_major[0], A, *time_major[1:], h0)
     return jnp.swapaxes(y, 0, 1), h

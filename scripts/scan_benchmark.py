@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/scan_benchmark.py                       # L = 256 .. 4096, batch 8, d_inner 128, d_state 16
     .venv/bin/python scripts/scan_benchmark.py --lengths 1024 --repeats 3
+    .venv/bin/python scripts/scan_benchmark.py --no-cpu-kernels          # `sequential` as XLA's lax.scan
 
 Peak memory is XLA's own account of the compiled step (arguments + outputs + temporaries), so it is the
 same number on CPU, GPU and TPU and needs no process-level sampling. Writes scan_benchmark.json and a table.
@@ -17,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from models import cpu_kernels
 from models.mamba import SCANS, selective_scan
 
 
@@ -71,8 +73,11 @@ def main() -> None:
     cpu = jax.default_backend() == "cpu"  # where Pallas only interprets, so its time means nothing
     parser.add_argument("--scans", nargs="+", choices=list(SCANS),
                         default=[s for s in SCANS if not (cpu and s == "pallas")])
+    parser.add_argument("--no-cpu-kernels", dest="cpu_kernels", action="store_false",
+                        help="`sequential` as lax.scan, not archlab's CPU kernel (runtime.cpu_kernels=false)")
     parser.add_argument("--out", default="outputs/scan_benchmark")
     args = parser.parse_args()
+    cpu_kernels.enable(args.cpu_kernels)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
