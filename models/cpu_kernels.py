@@ -7,10 +7,10 @@ tie count) its largest kernel; these run a 3x3 layer's forward, input gradient a
 (README, Performance); attention's batched products and separate softmax passes run fused, 1.8-2.1x; a dense
 layer's weight gradient, which XLA gives Eigen with transposed copies, 1.2x; BatchNorm's two per-channel sums in
 one pass, 1.5-2.1x; the selective scan, a loop of small kernels per token in XLA, with its state in registers,
-8-11x forward and backward at the Mamba LM's shape. The C++ files are compiled for this machine (`-march=native`) the first time they are needed, into
-~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's version and the CPU; with no C++
-compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py and models/sequential_scan.py compute
-with XLA alone.
+8-11x forward and backward at the Mamba LM's shape. The C++ files are compiled for this machine (`-march=native`)
+the first time they are needed, into ~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's
+version and the CPU; with no C++ compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py and
+models/sequential_scan.py compute with XLA alone.
 """
 
 import contextlib
