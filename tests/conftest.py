@@ -1,4 +1,5 @@
-"""Shared fixtures: composing configs as `python -m train` does, running the CLI in a subprocess."""
+"""Shared fixtures: composing configs as `python -m train` does, running the CLI in a subprocess, archlab's CPU
+kernels on and off."""
 
 import os
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from models import cpu_kernels
 from train.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,3 +32,11 @@ def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, m
 def cfg_for():
     """Compose a config from overrides, as the command line would."""
     return lambda *overrides: compose([*overrides])
+
+
+@pytest.fixture(params=["native", "xla"])
+def kernels(request):
+    """Each test twice: with archlab's CPU kernels (runtime.cpu_kernels=true, the default) and with XLA alone."""
+    cpu_kernels.enable(request.param == "native")
+    yield request.param
+    cpu_kernels.enable(True)

@@ -121,7 +121,7 @@ def test_fused_cpu_attention_choice(dtype, masked, causal, head_dim, key_len, on
     (5, 17, 17, 4, 16, False),     # ViT-tiny: 16 patches and the CLS token
     (2, 37, 50, 2, 16, False),     # more keys than queries
 ])
-def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, heads, head_dim, causal, conv_kernels):
+def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, heads, head_dim, causal, kernels):
     q, dy = (jax.random.normal(jax.random.key(i), (batch, t, heads, head_dim)) for i in (0, 1))
     k, v = (jax.random.normal(jax.random.key(i), (batch, s, heads, head_dim)) for i in (2, 3))
     mask = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
@@ -131,8 +131,8 @@ def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, he
     for got, want in zip(jax.tree.leaves(fused(q, k, v)), jax.tree.leaves(plain(q, k, v))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
     jaxpr = str(jax.make_jaxpr(fused)(q, k, v))
-    assert ("archlab_attention_grad" in jaxpr) == (conv_kernels == "native")
-    if causal and conv_kernels == "native":  # the future never leaks: the last key and value reach only the last query
+    assert ("archlab_attention_grad" in jaxpr) == (kernels == "native")
+    if causal and kernels == "native":  # the future never leaks: the last key and value reach only the last query
         y = partial_attention(causal)(q, k, v)
         y2 = partial_attention(causal)(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
         np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
@@ -160,7 +160,7 @@ def test_fused_attention_is_stable_for_large_logits_and_lets_nans_show(causal):
 
 
 @pytest.mark.parametrize("mask_batch", [3, 1])
-def test_fused_attention_with_a_padding_mask_equals_the_einsums(mask_batch, conv_kernels):
+def test_fused_attention_with_a_padding_mask_equals_the_einsums(mask_batch, kernels):
     """A (B, 1, 1, S) key mask, as the Transformer's source padding: keys past each length and one inside masked,
     and an example with every key masked (attends uniformly, no gradient to q or k, as the einsums' select)."""
     q, dy = (jax.random.normal(jax.random.key(i), (3, 37, 2, 32)) for i in (0, 1))
@@ -172,7 +172,7 @@ def test_fused_attention_with_a_padding_mask_equals_the_einsums(mask_batch, conv
     got, want = fused(q, k, v), plain(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
-    assert ("archlab_attention_grad" in str(jax.make_jaxpr(fused)(q, k, v))) == (conv_kernels == "native")
+    assert ("archlab_attention_grad" in str(jax.make_jaxpr(fused)(q, k, v))) == (kernels == "native")
     dk = np.asarray(got[1][1])
     assert (dk[0, 7] == 0).all() and (mask_batch == 1 or (dk[1, 20:] == 0).all() and (dk[2] == 0).all())
 
@@ -287,14 +287,6 @@ def test_activation_max_pool_equals_the_activation_then_the_pool(act):
     assert (first.outvars[0].aval.shape == x.shape) == (act != "relu")  # the activation first: on all of x
 
 
-@pytest.fixture(params=["native", "xla"])
-def conv_kernels(request):
-    """cpu_conv with archlab's native kernels (runtime.cpu_kernels=true, the default) and without them."""
-    cpu_kernels.enable(request.param == "native")
-    yield request.param
-    cpu_kernels.enable(True)
-
-
 @pytest.mark.parametrize("c_in, c_out, k, stride, padding", [
     (1, 6, 5, 1, "VALID"),                # LeNet conv1 (XLA: shifted multiply-adds)
     (6, 16, 5, 1, "VALID"),               # LeNet conv2 (XLA: col2im input gradient)
@@ -310,7 +302,7 @@ def conv_kernels(request):
     (6, 16, 5, 2, [(2, 1), (0, 3)]),      # few input channels (kernel: dy's channels a vector) by phases
     (4, 32, 3, 1, "SAME"),                # and two vectors of them, the border taps skipped
 ])
-def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding, conv_kernels):
+def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, padding, kernels):
     def model(conv_fn) -> nnx.Conv:
         return nnx.Conv(c_in, c_out, (k, k), strides=stride, padding=padding, conv_general_dilated=conv_fn,
                         rngs=nnx.Rngs(0))
@@ -327,14 +319,14 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
     # sums over the batch's pixels in another order: a few 1e-5 apart where a value is near 0
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
-    if conv_kernels == "native":  # the same bits every time, however the threads split the batch
+    if kernels == "native":  # the same bits every time, however the threads split the batch
         grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
         np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     for target in ["forward", "input_grad", "weight_grad"]:
-        assert (f"archlab_conv_{target}" in backward) == (conv_kernels == "native"), target
-    if conv_kernels == "xla":
+        assert (f"archlab_conv_{target}" in backward) == (kernels == "native"), target
+    if kernels == "xla":
         assert "cond[" in backward  # _materialize's fusion boundary: x and dy (many channels), or the col2im's sum
 
 
@@ -366,7 +358,7 @@ def test_one_channel_layer_by_pixels_equals_lax(k, c_out, padding):
     ((300, 100), 128, False),    # dense kernel, 4-vector blocks: 2 tiles, the second 4 rows deep
     ((2, 300, 70), 64, True),    # dense kernel, 4-vector blocks: 1 tile of 70 rows (11 blocks of 6, then 4), 2 parts
 ])
-def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv_kernels):
+def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kernels):
     def model(dot_fn) -> nnx.Linear:
         return nnx.Linear(shape[-1], d_out, use_bias=bias, dot_general=dot_fn, rngs=nnx.Rngs(0))
 
@@ -381,12 +373,12 @@ def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, conv
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
     rows = int(np.prod(shape[:-1]))
     dense = d_out % cpu_kernels.DENSE_WIDTH == 0  # the dense kernel; else the 1x1 convolution's, rows permitting
-    kernel = conv_kernels == "native" and (
+    kernel = kernels == "native" and (
         (dense and layers._dense_kernel_pays(d_out)) or (not dense and layers._rows_per_chunk(rows, d_out) is not None))
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     assert ("archlab_dense_weight_grad" in backward) == (kernel and dense)
     assert ("archlab_conv_weight_grad" in backward) == (kernel and not dense)
-    xla_dot = conv_kernels == "native" and dense and not kernel  # XLA's dot of the 2-D rows (16 registers, wide dy)
+    xla_dot = kernels == "native" and dense and not kernel  # XLA's dot of the 2-D rows (16 registers, wide dy)
     # which sums up to 600 products of values up to ~30 in another order than lax's gradient: fp32 rounding ~5e-5
     atol = 1e-4 if xla_dot else 2e-5
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=atol)
@@ -445,7 +437,7 @@ def test_dense_weight_gradient_of_1536_columns_follows_the_rule_on_this_machine(
 
 
 @pytest.mark.parametrize("shape", [(8, 5, 5, 12), (64, 3), (4, 9, 9, 40)])
-def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(shape, conv_kernels):
+def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(shape, kernels):
     x = jax.random.normal(jax.random.key(0), shape) * 3 + 1
     weights = jax.random.normal(jax.random.key(1), shape)
     norms = []
@@ -459,7 +451,7 @@ def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(
     graphdef, state = nnx.split(fast)
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
     backward = str(jax.make_jaxpr(nnx.grad(lambda m, x: jnp.sum(m(x) * weights), argnums=(0, 1)))(fast, x))
-    assert backward.count("archlab_channel_moments") == (2 if conv_kernels == "native" else 0)  # forward, backward
+    assert backward.count("archlab_channel_moments") == (2 if kernels == "native" else 0)  # forward, backward
     np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-4, atol=1e-5)
     for name in ("scale", "bias"):
@@ -510,7 +502,7 @@ def test_cpu_conv_keeps_bfloat16_and_other_ranks():
 @pytest.mark.parametrize("shape, window", [((2, 24, 24, 6), 2), ((1, 9, 7, 20), 2), ((2, 9, 9, 1), 3),
                                            # few channels: 16 // c pixels a vector, a partial last group, edges
                                            ((2, 9, 11, 3), 2), ((1, 8, 22, 1), 2), ((2, 6, 10, 7), 2)])
-def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_kernels):
+def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, kernels):
     """archlab's CPU kernel and the reshape-and-max agree on values and, without ties, on gradients; with ties the
     kernel gives the whole gradient to the first maximum of each window, as select-and-scatter does."""
     x = jax.random.normal(jax.random.key(0), shape)
@@ -520,7 +512,7 @@ def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, conv_ke
     grad_ref = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (window, window), (window, window)) * weights))
     np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(x), grad_ref(x))
     ties = jnp.round(x)  # many windows with equal maxima
-    if conv_kernels == "native":
+    if kernels == "native":
         assert "archlab_max_pool_grad" in str(jax.make_jaxpr(jax.grad(pooled))(x))
         np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(ties), grad_ref(ties))
     else:

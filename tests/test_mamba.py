@@ -8,7 +8,6 @@ import pytest
 from flax import nnx
 from hydra.utils import instantiate
 
-from models import cpu_kernels
 from models.mamba import SCANS, MambaBlock, MambaLM, generate, scan_sequential, selective_scan, ssm_step
 from scripts.interop import flat_state, load_flat
 from train.loop import run
@@ -205,19 +204,11 @@ def test_experiment_presets_compose_and_their_data_builds(cfg_for, name):
         assert cfg.model.selective == (name != "selective_copy_s4")
 
 
-@pytest.fixture(params=["native", "xla"])
-def scan_kernels(request):
-    """The sequential scan as archlab's CPU kernel (models/cpu_scan.cc, runtime.cpu_kernels=true) and as lax.scan."""
-    cpu_kernels.enable(request.param == "native")
-    yield request.param
-    cpu_kernels.enable(True)
-
-
 @pytest.mark.parametrize("batch, length, d, n", [
     (2, 37, 6, 4),      # fewer channels than a vector, any state size
     (1, 150, 40, 16),   # 16 states (the kernel's registers), chunks of 64 and a partial one, one row split by channels
 ])
-def test_sequential_scan_backward_matches_autodiff_of_the_recurrence(scan_kernels, batch, length, d, n):
+def test_sequential_scan_backward_matches_autodiff_of_the_recurrence(kernels, batch, length, d, n):
     """The hand-written backward pass (models/sequential_scan.py, and the kernel's) against autodiff of `ssm_step`
     in a lax.scan, with an initial state and both outputs' cotangents."""
     dt, A, B, C, x = scan_inputs(batch, length, d, n)
@@ -237,7 +228,7 @@ def test_sequential_scan_backward_matches_autodiff_of_the_recurrence(scan_kernel
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), err_msg=name)  # fp32 sums
 
 
-def test_the_sequential_scan_runs_as_the_cpu_kernel_on_one_cpu_device(scan_kernels):
+def test_the_sequential_scan_runs_as_the_cpu_kernel_on_one_cpu_device(kernels):
     """fp32 on one CPU device: the forward and backward are archlab's two kernel calls, their FLOPs counted as XLA
     counts the lax.scan's forward; without the kernels, lax.scan."""
     from train.flops import compiled_flops
@@ -245,7 +236,7 @@ def test_the_sequential_scan_runs_as_the_cpu_kernel_on_one_cpu_device(scan_kerne
     inputs = scan_inputs(2, 70, 20, 16)
     loss = lambda *a: jnp.sum(scan_sequential(*a)[0] ** 2)
     text = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*inputs))
-    native = scan_kernels == "native"
+    native = kernels == "native"
     assert ("archlab_selective_scan" in text and "archlab_selective_scan_grad" in text) == native
     assert ("scan[" in text) != native
     elements = 2 * 70 * 20 * 16
