@@ -198,7 +198,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dt, ffi::Buffer<
   const Floats at = transposed(a.typed_data(), s);
   // Batch rows, each split into `parts` runs of channel vectors where there are fewer rows than threads; each task
   // writes its own partial dB, dC (L, N) and dA (D, N), summed below.
-  const int64_t workers = pool.num_threads() > 0 ? pool.num_threads() : 1;
+  const int64_t workers = num_workers(pool, s.b * s.groups());
   const int64_t parts = std::min(s.groups(), std::max<int64_t>(1, (workers + s.b - 1) / s.b)), tasks = s.b * parts;
   Floats db_parts(tasks * s.l * s.n), dc_parts(tasks * s.l * s.n), da_rows(s.b * s.d * s.n);
   const float *dtp = dt.typed_data(), *atp = at.data(), *bp = bm.typed_data(), *cp = cm.typed_data(),
