@@ -7,8 +7,8 @@
 Each suite entry is a list of `python -m train` overrides. For each, three worker processes are started:
 archlab (the real train loop, `train.loop.train`, data feeding included; it pauses between its logged windows),
 the PyTorch twin in eager mode, and the twin under torch.compile (scripts/torch_twins.py: same shapes, same
-optimizer, same parameter count). They take turns, one window of the same number of steps each, for
-`--rounds` rounds, so that the machine's drift hits all three alike. Figures per entry: steps/s of each and the
+optimizer, same parameter count). They take turns, one window of about `--window-seconds` each, for `--rounds`
+rounds, so that the machine's drift hits all three alike. Figures per entry: steps/s of each and the
 archlab / PyTorch ratios (per round, then median and range), tokens or examples per second, achieved GFLOP/s
 and its fraction of the fp32 matmul peak measured by both frameworks in the same run, cold first-step compile
 time, peak RSS, and the share of step time spent waiting for input. Writes JSON and a Markdown table.
@@ -53,6 +53,7 @@ SUITE: dict[str, list[str]] = {
 }
 PROGRAMS = ("archlab", "eager", "compile")
 MATMUL_N = 2048  # the peak is the best fp32 (N x N) @ (N x N) either framework reaches
+MAX_LOGGED_WINDOWS = 32  # archlab's timed window is at most this many of its logged windows
 
 
 # ---- Workers: one process per program, driven by line commands on stdin, answering JSON lines ----------
@@ -77,7 +78,8 @@ def items_per_step(cfg) -> int:
 
 
 def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
-    """The real train loop; after each logged window it reports and waits for the next command."""
+    """The real train loop, logging every `window` steps; `run N` times the next N logged windows as one (at most
+    `windows` in all) and reports their steps/s, then it waits for the next command."""
     from train import autotune, runtime  # jax is imported, not started: the runtime flags still apply
     from train.config import compose
 
@@ -110,9 +112,10 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
     logging.getLogger("train.autotune").setLevel(logging.INFO)
 
     warm = False
+    windows_run, pending, seconds, waited = 0, 0, 0.0, 0.0  # this run's windows, those left, their (wait) seconds
 
     def on_log(step: int, metrics: dict) -> None:
-        nonlocal warm
+        nonlocal warm, windows_run, pending, seconds, waited
         if not warm:
             if tuning and not dots:
                 return
@@ -120,14 +123,19 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
             compile_s = read_metrics(run_dir / "metrics.jsonl")[0]["train/first_step_seconds"]
             reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg), dots=dots[-1] if dots else None)
         else:
-            reply(steps_per_sec=metrics["train/steps_per_sec"], input_wait=metrics["train/input_wait"],
-                  loss=metrics["train/loss"])
-        while (command := sys.stdin.readline().strip()) == "peak":
+            window_s = window / metrics["train/steps_per_sec"]
+            seconds, waited, pending = seconds + window_s, waited + metrics["train/input_wait"] * window_s, pending - 1
+            if pending:
+                return
+            reply(steps_per_sec=windows_run * window / seconds, input_wait=waited / seconds, loss=metrics["train/loss"])
+        while (command := sys.stdin.readline().split()) and command[0] == "peak":
             reply(gflops=jax_matmul_gflops())
-        if command != "run":
+        if not command or command[0] != "run":
             shutil.rmtree(run_dir, ignore_errors=True)
             reply(peak_rss_mb=peak_rss_mb())
             os._exit(0)
+        windows_run = pending = int(command[1])
+        seconds = waited = 0.0
 
     loop.train(loop.setup(cfg, run_dir), on_log=on_log)
 
@@ -319,8 +327,12 @@ def bench_entry(name: str, overrides: list[str], args, env: dict) -> dict:
         ready["eager"] = workers["eager"].read()
         window = max(2, min(1000, round(args.window_seconds / ready["eager"]["step_s"])))
         workers["archlab"] = Worker("archlab", overrides, env, ["--window", str(window), "--windows",
-                                                                str(args.rounds + 1)])
+                                                                str(1 + args.rounds * MAX_LOGGED_WINDOWS + 1)])
         ready["archlab"] = workers["archlab"].read()
+        # archlab's timed window: as many of its logged windows (of eager's `window` steps) as fill --window-seconds,
+        # from one untimed run of one: a program 10x faster than eager is otherwise timed over a tenth of the time.
+        rate = workers["archlab"].ask("run 1")["steps_per_sec"]
+        logged = max(1, min(MAX_LOGGED_WINDOWS, round(args.window_seconds * rate / window)))
         if "compile" in programs:
             workers["compile"] = Worker("compile", overrides, env)
             try:
@@ -334,21 +346,22 @@ def bench_entry(name: str, overrides: list[str], args, env: dict) -> dict:
         for _ in range(args.rounds):
             for program in programs:
                 time.sleep(0.3)  # let the previous program's threads go idle
-                rounds[program].append(workers[program].ask("run" if program == "archlab" else f"run {window}"))
+                rounds[program].append(workers[program].ask(f"run {logged if program == 'archlab' else window}"))
             peaks += [workers["archlab"].ask("peak")["gflops"], workers["eager"].ask("peak")["gflops"]]
     finally:
         rss = {p: w.close() for p, w in workers.items()}
-    return summarize_entry(name, overrides, window, programs, ready, rounds, peaks, rss)
+    return summarize_entry(name, overrides, window, logged, programs, ready, rounds, peaks, rss)
 
 
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def summarize_entry(name, overrides, window, programs, ready, rounds, peaks, rss) -> dict:
+def summarize_entry(name, overrides, window, logged, programs, ready, rounds, peaks, rss) -> dict:
     flops, items = ready["eager"]["flops"], ready["archlab"]["items_per_step"]
     peak = max(peaks)
     out = {"overrides": overrides, "params": ready["eager"]["params"], "window_steps": window,
+           "archlab_window_steps": window * logged,
            "items_per_step": items, "gflop_per_step": flops / 1e9, "matmul_peak_gflops": peak,
            "archlab_dots": ready["archlab"].get("dots"), "programs": {}}
     for p in programs:

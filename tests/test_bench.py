@@ -26,6 +26,8 @@ def test_bench_runs_and_its_figures_are_sane(tmp_path):
         assert 0 <= program["input_wait"] < 1
     assert mlp["archlab_over_eager"]["median"] > 0
     assert mlp["items_per_step"] == 128 and mlp["gflop_per_step"] > 0
+    # archlab's timed window: whole logged windows of the PyTorch window's steps, sized to --window-seconds
+    assert mlp["archlab_window_steps"] % mlp["window_steps"] == 0 and mlp["archlab_window_steps"] > 0
     assert mlp["archlab_dots"] in ("ynnpack", "eigen")  # runtime.autotune's choice, made in the warm-up
     assert "| mlp | 269,322 |" in out.with_suffix(".md").read_text()
 
