@@ -25,6 +25,8 @@ from flax import nnx
 
 from models.layers import MultiHeadAttention
 from models.mamba import MambaBlock
+from train import runtime
+from train.config import compose
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -69,6 +71,7 @@ def main() -> None:
     parser.add_argument("--fit-from", type=int, default=1024)
     parser.add_argument("--out", default="outputs/scaling")
     args = parser.parse_args()
+    runtime.apply(**compose([]).runtime)  # as `python -m train` runs: glibc keeps XLA's freed buffers, kernels on
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

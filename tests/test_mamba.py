@@ -1,5 +1,7 @@
 """Mamba: the three scans agree, recurrent mode equals parallel mode, causality, the reference's shapes and init."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from hydra.utils import instantiate
 from models.mamba import SCANS, MambaBlock, MambaLM, generate, scan_sequential, selective_scan, ssm_step
 from scripts.interop import flat_state, load_flat
 from train.loop import run
+from tests.conftest import run_cli
 from train.optim import decay_mask
 from train.pretrained import match_layout
 
@@ -241,3 +244,17 @@ def test_the_sequential_scan_runs_as_the_cpu_kernel_on_one_cpu_device(kernels):
     assert ("scan[" in text) != native
     elements = 2 * 70 * 20 * 16
     assert compiled_flops(lambda *a: scan_sequential(*a)[0], *inputs) == pytest.approx(6 * elements, rel=0.05)
+
+
+def test_scaling_script_fits_linear_memory_for_both_layers(tmp_path):
+    """scripts/scaling.py (the chapter's O(N) claim): rows for each layer and length, a plot, and XLA's own memory
+    account growing linearly with L for Mamba (chunk states) and for attention (the fused kernel holds no T x S)."""
+    run_cli(["--lengths", "256", "512", "1024", "--repeats", "1", "--fit-from", "256", "--out", str(tmp_path)],
+            module="scripts/scaling.py")
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert sorted((r["layer"], r["length"]) for r in result["rows"]) == [
+        (layer, length) for layer in ("attention", "mamba") for length in (256, 512, 1024)]
+    for layer in ("mamba", "attention"):
+        assert 0.85 <= result["slopes"][layer]["memory"] <= 1.1
+        assert result["slopes"][layer]["time"] > 0
+    assert (tmp_path / "scaling.png").stat().st_size > 0
