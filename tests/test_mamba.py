@@ -12,8 +12,8 @@ from hydra.utils import instantiate
 
 from models.mamba import SCANS, MambaBlock, MambaLM, generate, scan_sequential, selective_scan, ssm_step
 from scripts.interop import flat_state, load_flat
-from train.loop import run
 from tests.conftest import run_cli
+from train.loop import run
 from train.optim import decay_mask
 from train.pretrained import match_layout
 
