@@ -711,6 +711,7 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from models import cpu_kernels, layers
 cpu_kernels._flags = lambda: ["-O2", "-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+cpu_kernels.enable_blas(False)  # archlab's own dense kernel below, not MKL's (runtime.cpu_blas)
 assert cpu_kernels.available()
 for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (6, 16, 5, 1), (3, 32, 3, 1)]:
     x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))
