@@ -1,18 +1,16 @@
 """NHWC fp32 convolutions, max pooling and dense weight gradients (models/cpu_kernels.cc), attention
-(models/cpu_attention.cc), BatchNorm's statistics (models/cpu_norm.cc), Mamba's selective scan
-(models/cpu_scan.cc) and dense layers' products through Intel's MKL where installed (models/cpu_gemm.cc) for the
-CPU, called from jitted code through XLA's FFI.
+(models/cpu_attention.cc), BatchNorm's statistics (models/cpu_norm.cc) and Mamba's selective scan
+(models/cpu_scan.cc) for the CPU, called from jitted code through XLA's FFI.
 
 XLA's CPU convolutions (Eigen) were ResNet-20's and LeNet's bottleneck, and LeNet's max-pool gradient (YNNPACK's
 tie count) its largest kernel; these run a 3x3 layer's forward, input gradient and weight gradient 2-5x faster
 (README, Performance); attention's batched products and separate softmax passes run fused, 1.8-2.1x; a dense
 layer's weight gradient, which XLA gives Eigen with transposed copies, 1.2x; BatchNorm's two per-channel sums in
 one pass, 1.5-2.1x; the selective scan, a loop of small kernels per token in XLA, with its state in registers,
-8-11x forward and backward at the Mamba LM's shape; MKL's sgemm, GPT 6x384's dense products 1.2x XLA's dots. The
-C++ files are compiled for this machine (`-march=native`) the first time they are needed, into
-~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's version and the CPU; with no C++
-compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py and models/sequential_scan.py compute with
-XLA alone.
+8-11x forward and backward at the Mamba LM's shape. The C++ files are compiled for this machine (`-march=native`)
+the first time they are needed, into ~/.cache/archlab/native, keyed by the sources, the compiler flags, jaxlib's
+version and the CPU; with no C++ compiler, or `runtime.cpu_kernels=false`, the helpers in models/layers.py and
+models/sequential_scan.py compute with XLA alone.
 """
 
 import contextlib
@@ -24,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -37,22 +34,19 @@ from jax import lax
 log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name)
-           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc", "cpu_norm.cc", "cpu_scan.cc",
-                        "cpu_gemm.cc")]
+           for name in ("cpu_kernels.h", "cpu_kernels.cc", "cpu_attention.cc", "cpu_norm.cc", "cpu_scan.cc")]
 TARGETS = {"archlab_conv_forward": "ArchlabConvForward", "archlab_conv_input_grad": "ArchlabConvInputGrad",
            "archlab_conv_weight_grad": "ArchlabConvWeightGrad",
            "archlab_dense_weight_grad": "ArchlabDenseWeightGrad", "archlab_max_pool": "ArchlabMaxPool",
            "archlab_max_pool_grad": "ArchlabMaxPoolGrad", "archlab_attention": "ArchlabAttention",
            "archlab_attention_grad": "ArchlabAttentionGrad",
            "archlab_channel_moments": "ArchlabChannelMoments", "archlab_selective_scan": "ArchlabSelectiveScan",
-           "archlab_selective_scan_grad": "ArchlabSelectiveScanGrad", "archlab_gemm": "ArchlabGemm"}
+           "archlab_selective_scan_grad": "ArchlabSelectiveScanGrad"}
 PREFIX = "archlab_"  # the registered names above start with it; another build's with its own (`register`)
 
 _enabled = True
-_blas_enabled = True
 _loaded: bool | None = None  # None: not tried yet
 _registers = 0  # the build's vector registers
-_has_sgemm = False  # whether the build's gemm was handed MKL's sgemm (`register`)
 _lock = threading.Lock()
 _prefix = PREFIX  # the build the calls below are traced against (`tracing_with`)
 
@@ -61,12 +55,6 @@ def enable(on: bool) -> None:
     """`runtime.cpu_kernels`: whether the helpers in models/layers.py may use these kernels."""
     global _enabled
     _enabled = on
-
-
-def enable_blas(on: bool) -> None:
-    """`runtime.cpu_blas`: whether dense layers' products may take Intel's MKL where it is installed (`blas`)."""
-    global _blas_enabled
-    _blas_enabled = on
 
 
 def _flags() -> list[str]:
@@ -151,45 +139,11 @@ def register(path: Path, prefix: str = PREFIX) -> int:
     (another build beside this one's: scripts/conv_bench.py --against); returns the build's vector registers."""
     import ctypes
 
-    global _has_sgemm
     lib = ctypes.cdll.LoadLibrary(str(path))
     for name, symbol in TARGETS.items():
-        if hasattr(lib, symbol):  # a build of older sources (scripts/conv_bench.py --against) may lack some
-            jax.ffi.register_ffi_target(prefix + name.removeprefix(PREFIX), jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
-    sgemm = mkl_sgemm()
-    if sgemm is not None and hasattr(lib, "ArchlabSetSgemm"):
-        lib.ArchlabSetSgemm(ctypes.c_void_p(sgemm))
-        _has_sgemm = _has_sgemm or prefix == PREFIX
+        jax.ffi.register_ffi_target(prefix + name.removeprefix(PREFIX), jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
     return lib.ArchlabVectorRegisters()
-
-
-MKL_THREADING_SEQUENTIAL = 1  # mkl_service.h: MKL_Set_Threading_Layer's code for MKL without its own threads
-
-
-@functools.cache
-def mkl_sgemm() -> int | None:
-    """The address of cblas_sgemm in Intel's MKL, set to run on its caller's thread alone (cpu_gemm.cc splits the
-    work over XLA's threads); None where there is no MKL. `pip install archlab[mkl]` puts libmkl_rt in the
-    environment's lib/; else the system's, where the loader finds one."""
-    import ctypes
-    import ctypes.util
-
-    paths = [str(p) for p in sorted(Path(sys.prefix, "lib").glob("libmkl_rt.so*"))]
-    for path in filter(None, paths or [ctypes.util.find_library("mkl_rt")]):
-        try:
-            lib = ctypes.CDLL(path)
-            lib.MKL_Set_Threading_Layer(MKL_THREADING_SEQUENTIAL)
-            return ctypes.cast(lib.cblas_sgemm, ctypes.c_void_p).value
-        except (OSError, AttributeError) as err:
-            log.warning("Intel MKL at %s unusable, dense layers use XLA's dots: %s", path, err)
-    return None
-
-
-def blas() -> bool:
-    """Whether dense layers' products take MKL's sgemm (`gemm`): `runtime.cpu_blas` on, the kernels loaded, an MKL
-    installed, on an Intel CPU, where it was measured (GPT 6x384 1.1x a step; README, Performance)."""
-    return _blas_enabled and available() and _has_sgemm and intel()
 
 
 @contextlib.contextmanager
@@ -251,15 +205,6 @@ def dense_weight_grad(x: jax.Array, dy: jax.Array) -> jax.Array:
                             vmap_method="sequential")(x, dy)
 
 
-def gemm(a: jax.Array, b: jax.Array, ta: bool = False, tb: bool = False) -> jax.Array:
-    """op(a) op(b) for 2-D fp32 a and b through MKL's sgemm (`blas`), op transposing where ta / tb: a dense layer's
-    x W (forward), dy W^T (input gradient) and x^T dy (weight gradient), each read as it lies."""
-    m = a.shape[1] if ta else a.shape[0]
-    n = b.shape[0] if tb else b.shape[1]
-    return jax.ffi.ffi_call(target("gemm"), jax.ShapeDtypeStruct((m, n), jnp.float32),
-                            vmap_method="sequential")(a, b, ta=np.int64(ta), tb=np.int64(tb))
-
-
 def kernel_flops(target: str, in_shapes, out_shapes, attributes: dict) -> float:
     """FLOPs of one call of a convolution, dense weight-gradient, attention or selective-scan kernel (2 per
     multiply-add), which XLA's cost analysis, blind to custom calls, leaves out (train/flops.py adds them).
@@ -274,8 +219,6 @@ def kernel_flops(target: str, in_shapes, out_shapes, attributes: dict) -> float:
         return products * 2.0 * b * h * t * s * dh / (2 if attributes.get("causal") else 1)
     if target == "archlab_dense_weight_grad":  # x (M, K), dy (M, N)
         return 2.0 * math.prod(in_shapes[0]) * in_shapes[1][1]
-    if target == "archlab_gemm":  # out (M, N) from a (M, K) or (K, M)
-        return 2.0 * math.prod(in_shapes[0]) * out_shapes[0][1]
     if not target.startswith("archlab_conv_"):
         return 0.0
     if target == "archlab_conv_weight_grad":

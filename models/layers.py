@@ -420,18 +420,17 @@ _kernel_max_pool.defvjp(_kernel_max_pool_fwd, _kernel_max_pool_bwd)
 def cpu_dot(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None, preferred_element_type=None,
             out_sharding=None) -> jax.Array:
     """`lax.dot_general` for `nnx.Linear(dot_general=cpu_dot)`: the same x @ W, trained faster on CPU. Where
-    `cpu_kernels_apply` (fp32, one device) and Intel's MKL is installed on an Intel CPU (`cpu_kernels.blas`), the
-    forward and both gradients are MKL's sgemm (GPT 6x384 1.1x a step). Otherwise the weight gradient x^T dy is
-    archlab's kernel, which reads x and dy as they lie; XLA hands it to Eigen with both transposed into copies
-    first (GPT d 384 1.23x a step). Outputs of a multiple of 16 take the dense kernel (dW in tiles summed in place;
-    1.03x more) where it pays (`_dense_kernel_pays`; else XLA's dot of the 2-D rows), others the 1x1 convolution's
-    weight gradient over chunks of rows."""
+    `cpu_kernels_apply` (fp32, one device), the weight gradient x^T dy is archlab's kernel, which reads x and dy
+    as they lie; XLA hands it to Eigen with both transposed into copies first (GPT d 384 1.23x a step). Outputs of
+    a multiple of 16 take the dense kernel (dW in tiles summed in place; 1.03x more) where it pays
+    (`_dense_kernel_pays`; else XLA's dot of the 2-D rows), others the 1x1 convolution's weight gradient over
+    chunks of rows."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (rhs.ndim == 2 and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
             and not any(batch) and preferred_element_type is None and out_sharding is None
-            and cpu_kernels_apply(lhs, rhs)
-            and (cpu_kernels.blas() or rhs.shape[1] % cpu_kernels.DENSE_WIDTH == 0
-                 or _rows_per_chunk(lhs.size // lhs.shape[-1], rhs.shape[1]))):
+            and (rhs.shape[1] % cpu_kernels.DENSE_WIDTH == 0
+                 or _rows_per_chunk(lhs.size // lhs.shape[-1], rhs.shape[1]))
+            and cpu_kernels_apply(lhs, rhs)):
         return _kernel_dot(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                            preferred_element_type=preferred_element_type, out_sharding=out_sharding)
@@ -489,8 +488,6 @@ def _rows_per_chunk(rows: int, width: int) -> int | None:
 
 @jax.custom_vjp
 def _kernel_dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    if cpu_kernels.blas():
-        return cpu_kernels.gemm(x.reshape(-1, w.shape[0]), w).reshape(*x.shape[:-1], w.shape[1])
     return x @ w
 
 
@@ -501,9 +498,6 @@ def _kernel_dot_fwd(x, w):
 def _kernel_dot_bwd(residuals, dy):
     x, w = residuals
     k, n = w.shape
-    if cpu_kernels.blas():
-        rows, cols = x.reshape(-1, k), dy.reshape(-1, n)
-        return cpu_kernels.gemm(cols, w, tb=True).reshape(x.shape), cpu_kernels.gemm(rows, cols, ta=True)
     if n % cpu_kernels.DENSE_WIDTH == 0:  # XLA's as one 2-D matmul; over (B, T) XLA made transposed copies first
         rows, cols = x.reshape(-1, k), dy.reshape(-1, n)
         return dy @ w.T, _dense_weight_grad(rows, cols)

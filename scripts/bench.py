@@ -121,10 +121,7 @@ def archlab_worker(overrides: list[str], window: int, windows: int) -> None:
                 return
             warm = True
             compile_s = read_metrics(run_dir / "metrics.jsonl")[0]["train/first_step_seconds"]
-            dot = dots[-1] if dots else None
-            if cpu_kernels.blas():  # dense layers' products through MKL, the rest through the chosen library
-                dot = f"mkl + {dot or 'xla'}"
-            reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg), dots=dot)
+            reply(ready=True, compile_s=compile_s, items_per_step=items_per_step(cfg), dots=dots[-1] if dots else None)
         else:
             window_s = window / metrics["train/steps_per_sec"]
             seconds, waited, pending = seconds + window_s, waited + metrics["train/input_wait"] * window_s, pending - 1

@@ -34,17 +34,6 @@ def cfg_for():
     return lambda *overrides: compose([*overrides])
 
 
-@pytest.fixture(params=["mkl", "no_mkl"])
-def blas(request):
-    """With Intel's MKL for dense layers' products (runtime.cpu_blas=true, the default; skipped where the kernels
-    are on but MKL or an Intel CPU is missing) and without. Request it after `kernels`."""
-    cpu_kernels.enable_blas(request.param == "mkl")
-    if request.param == "mkl" and cpu_kernels.available() and not cpu_kernels.blas():
-        pytest.skip("no Intel MKL (archlab[mkl]) on an Intel CPU here")
-    yield request.param
-    cpu_kernels.enable_blas(True)
-
-
 @pytest.fixture(params=["native", "xla"])
 def kernels(request):
     """Each test twice: with archlab's CPU kernels (runtime.cpu_kernels=true, the default) and with XLA alone."""

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-from models import cpu_kernels
 from tests.conftest import run_cli
 
 pytest.importorskip("torch")
@@ -29,9 +28,7 @@ def test_bench_runs_and_its_figures_are_sane(tmp_path):
     assert mlp["items_per_step"] == 128 and mlp["gflop_per_step"] > 0
     # archlab's timed window: whole logged windows of the PyTorch window's steps, sized to --window-seconds
     assert mlp["archlab_window_steps"] % mlp["window_steps"] == 0 and mlp["archlab_window_steps"] > 0
-    # runtime.autotune's choice, made in the warm-up; behind MKL's where the dense layers take it (runtime.cpu_blas)
-    assert mlp["archlab_dots"].removeprefix("mkl + ") in ("ynnpack", "eigen")
-    assert mlp["archlab_dots"].startswith("mkl + ") == cpu_kernels.blas()
+    assert mlp["archlab_dots"] in ("ynnpack", "eigen")  # runtime.autotune's choice, made in the warm-up
     assert "| mlp | 269,322 |" in out.with_suffix(".md").read_text()
 
 

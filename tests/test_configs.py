@@ -78,20 +78,6 @@ def test_runtime_cpu_kernels_switches_archlab_cpu_convolutions(on):
     assert out.strip() == str(on)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_runtime_cpu_blas_switches_dense_layers_to_mkl(on):
-    """runtime.cpu_blas: a dense layer's products through MKL's sgemm where it is on, MKL installed and the CPU
-    Intel's (`cpu_kernels.blas`); XLA's dot where it is off."""
-    code = ("import jax; from flax import nnx; from models import cpu_kernels; from models.layers import cpu_dot; "
-            "dense = nnx.Linear(16, 32, dot_general=cpu_dot, rngs=nnx.Rngs(0)); "
-            "jaxpr = str(jax.make_jaxpr(lambda x: dense(x))(jax.numpy.ones((4, 16)))); "
-            "print('archlab_gemm' in jaxpr, cpu_kernels.blas(), cpu_kernels.mkl_sgemm() is not None, "
-            "cpu_kernels.intel())")
-    out = after_runtime_apply(f"ynn_conv_fusion_off=True, compilation_cache=False, cpu_blas={on}", code)
-    gemm, blas, mkl, intel = (word == "True" for word in out.split())
-    assert gemm == blas == (on and mkl and intel)
-
-
 def test_the_ssm_runtime_splits_the_cpu_and_xla_takes_its_reductions_back():
     """runtime=ssm (the state space models' XLA scan, where archlab's kernels are off): two CPU devices, and XLA,
     not YNNPACK, compiles a reduction. Mamba and Simba themselves run the default runtime, where the scan kernel

@@ -358,31 +358,24 @@ def test_one_channel_layer_by_pixels_equals_lax(k, c_out, padding):
     ((300, 100), 128, False),    # dense kernel, 4-vector blocks: 2 tiles, the second 4 rows deep
     ((2, 300, 70), 64, True),    # dense kernel, 4-vector blocks: 1 tile of 70 rows (11 blocks of 6, then 4), 2 parts
 ])
-def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kernels, blas):
+def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kernels):
     def model(dot_fn) -> nnx.Linear:
         return nnx.Linear(shape[-1], d_out, use_bias=bias, dot_general=dot_fn, rngs=nnx.Rngs(0))
 
     x = jax.random.normal(jax.random.key(1), shape)
     fast, plain = model(layers.cpu_dot), model(jax.lax.dot_general)
+    np.testing.assert_array_equal(fast(x), plain(x))  # the forward is lax's dot either way
 
     def loss(m: nnx.Linear, x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.sin(m(x)))
 
     (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
-    backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
-    if blas == "mkl" and kernels == "native":  # MKL's sgemm forward and backward: another order of the sums
-        np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=1e-4)
-        assert backward.count("archlab_gemm") == 3 and "weight_grad" not in backward
-        return
-    assert "archlab_gemm" not in backward
-    np.testing.assert_array_equal(fast(x), plain(x))  # the forward is lax's dot
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
     rows = int(np.prod(shape[:-1]))
     dense = d_out % cpu_kernels.DENSE_WIDTH == 0  # the dense kernel; else the 1x1 convolution's, rows permitting
     kernel = kernels == "native" and (
         (dense and layers._dense_kernel_pays(d_out)) or (not dense and layers._rows_per_chunk(rows, d_out) is not None))
+    backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     assert ("archlab_dense_weight_grad" in backward) == (kernel and dense)
     assert ("archlab_conv_weight_grad" in backward) == (kernel and not dense)
     xla_dot = kernels == "native" and dense and not kernel  # XLA's dot of the 2-D rows (16 registers, wide dy)
@@ -394,52 +387,17 @@ def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kern
         np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
 
 
-def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax(blas):
+def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax():
     x, w = jnp.ones((256, 16)), jnp.ones((16, 8))
     dot = lambda *a, **k: str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(layers.cpu_dot(x, w, *a, **k)),
                                                        argnums=1))(x, w))
-    kernel = "archlab_gemm" if blas == "mkl" else "archlab_conv_weight_grad"
-    assert kernel in dot((((1,), (0,)), ((), ())))
-    assert "archlab" not in dot((((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    assert "archlab_conv_weight_grad" in dot((((1,), (0,)), ((), ())))
+    assert "archlab_conv_weight_grad" not in dot((((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     bf16 = jax.grad(lambda w: jnp.sum(layers.cpu_dot(x.astype(jnp.bfloat16), w, (((1,), (0,)), ((), ())))))
     assert bf16(w.astype(jnp.bfloat16)).dtype == jnp.bfloat16
     assert "archlab" not in str(jax.make_jaxpr(bf16)(w.astype(jnp.bfloat16)))
     xt = jnp.ones((16, 256))  # contracting x's first axis: lax
     assert jnp.allclose(layers.cpu_dot(xt, w, (((0,), (0,)), ((), ()))), xt.T @ w)
-
-
-@pytest.fixture(scope="module")
-def mkl():
-    if not cpu_kernels.available() or cpu_kernels.mkl_sgemm() is None:
-        pytest.skip("no Intel MKL (archlab[mkl]) or no archlab kernels here")
-
-
-@pytest.mark.parametrize("m, k, n", [(300, 70, 33), (5, 200, 400), (1, 3, 1), (130, 0, 7)])
-def test_mkl_gemm_computes_each_product_of_a_dense_layer(m, k, n, mkl):
-    """cpu_kernels.gemm, op(a) op(b) with each operand as it lies or transposed, split over the threads by rows
-    (m >= n) or columns, against float64; an empty contraction gives zeros; the same bits a second time."""
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(m, k)).astype(np.float32), rng.normal(size=(k, n)).astype(np.float32)
-    want = a.astype(np.float64) @ b
-    for ta in (False, True):
-        for tb in (False, True):
-            lhs, rhs = (a.T.copy() if ta else a), (b.T.copy() if tb else b)
-            product = jax.jit(partial(cpu_kernels.gemm, ta=ta, tb=tb))
-            got = product(lhs, rhs)
-            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * max(1, k) ** 0.5, err_msg=f"{ta=} {tb=}")
-            np.testing.assert_array_equal(product(lhs, rhs), got)
-
-
-def test_mkl_of_the_mkl_extra_is_found():
-    """`pip install archlab[mkl]` (in the test extra): cpu_kernels finds its libmkl_rt."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("mkl")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("archlab[mkl] not installed")
-    assert cpu_kernels.mkl_sgemm() is not None
-    assert cpu_kernels.blas() == (cpu_kernels.available() and cpu_kernels.intel())
 
 
 def test_tall_weight_gradient_is_the_transpose_of_the_wide_product():
@@ -654,11 +612,9 @@ def test_flops_count_the_cpu_kernels_convolutions():
     (128, 24, "archlab_conv_weight_grad"),   # a width that is not whole vectors: the 1x1 convolution's kernel
     (96, 32, "archlab_dense_weight_grad"),   # the dense kernel
 ])
-def test_flops_count_the_cpu_dot_kernels(rows, d_out, target, blas):
-    """The weight-gradient kernels' FLOPs, or with MKL those of its three products (the forward's too)."""
+def test_flops_count_the_cpu_dot_weight_gradient(rows, d_out, target):
     from train.flops import compiled_flops
 
-    target = "archlab_gemm" if blas == "mkl" else target
     linear = nnx.Linear(40, d_out, use_bias=False, dot_general=layers.cpu_dot, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(linear)
     step = lambda: jax.grad(lambda s, x: jnp.sum(jnp.sin(nnx.merge(graphdef, s)(x))), argnums=(0, 1))
@@ -711,7 +667,6 @@ import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from models import cpu_kernels, layers
 cpu_kernels._flags = lambda: ["-O2", "-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
-cpu_kernels.enable_blas(False)  # archlab's own dense kernel below, not MKL's (runtime.cpu_blas)
 assert cpu_kernels.available()
 for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (6, 16, 5, 1), (3, 32, 3, 1)]:
     x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))

@@ -50,7 +50,7 @@ def accelerator_installed() -> bool:
 
 def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache: bool,
           ynn_dot_fusion_off: bool = False, ynn_reduce_fusion_off: bool = False, autotune: bool | str = False,
-          cpu_devices: int = 1, cpu_kernels: bool = True, cpu_blas: bool = True) -> None:
+          cpu_devices: int = 1, cpu_kernels: bool = True) -> None:
     """Apply the switched-on settings (the config's `runtime` keys); call before the first JAX computation.
 
     `autotune` is read by the train loop (train/autotune.py); it is checked here, before JAX starts.
@@ -62,7 +62,7 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
                          f"the number of CPU devices the step is split over)")
     switches = {"keep_freed_memory": keep_freed_memory, "ynn_conv_fusion_off": ynn_conv_fusion_off,
                 "compilation_cache": compilation_cache, "ynn_dot_fusion_off": ynn_dot_fusion_off,
-                "ynn_reduce_fusion_off": ynn_reduce_fusion_off, "cpu_kernels": cpu_kernels, "cpu_blas": cpu_blas}
+                "ynn_reduce_fusion_off": ynn_reduce_fusion_off, "cpu_kernels": cpu_kernels}
     for key, value in switches.items():
         if not isinstance(value, bool):
             raise ValueError(f"runtime.{key}={value} is not a switch (valid: true, false)")
@@ -84,4 +84,3 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
     from models import cpu_kernels as kernels
 
     kernels.enable(cpu_kernels)
-    kernels.enable_blas(cpu_blas)
