@@ -14,6 +14,7 @@ models/sequential_scan.py compute with XLA alone.
 """
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -127,10 +128,15 @@ def available() -> bool:
 
 
 def built(sources: list[Path] = SOURCES) -> Path:
-    """This machine's build of `sources`, compiled first where the cache has none."""
+    """This machine's build of `sources`, compiled first where the cache has none: by one process, while others
+    that need it too (a sweep's jobs, test workers) wait for that build rather than each compiling their own."""
     path = library_path(sources)
     if not path.exists():
-        build(path, sources)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+            if not path.exists():
+                build(path, sources)
     return path
 
 

@@ -40,3 +40,18 @@ def kernels(request):
     cpu_kernels.enable(request.param == "native")
     yield request.param
     cpu_kernels.enable(True)
+
+
+# Module-scoped fixtures that train, build or compile something (3-50 s each on 2 busy cores). Under pytest-xdist
+# each worker that runs a test using one sets it up again; `--dist loadgroup` (pyproject) keeps a module's users of
+# them on one worker, so each is set up once.
+SHARED_SETUPS = {"test_claims": {"claims"}, "test_shootout": {"images", "language"}, "test_transformer": {"model"},
+                 "test_targets": {"run_dir"}, "test_resume": {"uninterrupted_dir"}, "test_soak": {"uninterrupted"},
+                 "test_disk_full": {"uninterrupted"}}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if SHARED_SETUPS.get(module, set()).intersection(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group(module))

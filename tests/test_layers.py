@@ -2,8 +2,12 @@
 helpers' kernels (convolutions, pooling, dense weight gradients, attention)."""
 
 import logging
+import os
 import re
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -465,12 +469,31 @@ def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(
 
 
 def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
-    cpu_kernels.build(tmp_path / "conv.so")
+    """The build compiles through a temporary file renamed into place (one source: the full build is every other
+    test's, through the cache), and names a missing compiler."""
+    norm = [f for f in cpu_kernels.SOURCES if f.name in ("cpu_norm.cc", "cpu_kernels.h")]
+    cpu_kernels.build(tmp_path / "conv.so", norm)
     assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
     monkeypatch.setenv("CXX", "no-such-c++")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
-        cpu_kernels.build(tmp_path / "other.so")
+        cpu_kernels.build(tmp_path / "other.so", norm)
     assert not (tmp_path / "other.so").exists()
+
+
+def test_processes_needing_the_same_build_compile_it_once(tmp_path):
+    """Two processes' first use at once (a sweep's jobs): one compiles, the other waits and loads that build."""
+    log = tmp_path / "compiles"
+    compiler = tmp_path / "c++"
+    compiler.write_text(f"#!/bin/sh\necho run >> {log}\nexec c++ \"$@\"\n")
+    compiler.chmod(0o755)
+    code = ("from models import cpu_kernels; "
+            "print(cpu_kernels.built([f for f in cpu_kernels.SOURCES if f.name in ('cpu_norm.cc', 'cpu_kernels.h')]))")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CXX": str(compiler)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs) and len(paths) == 1 and Path(paths.pop()).stat().st_size > 0
+    assert log.read_text().splitlines() == ["run"]
 
 
 def test_another_build_of_the_kernels_is_called_by_its_own_names():
@@ -658,7 +681,7 @@ def test_flops_count_the_fused_attention():
 def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
     """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
     process, the build's flags patched), convolutions, the max pool (values and gradients) and attention still
-    equal lax's."""
+    equal lax's (jitted: eager dispatch took half the test's time)."""
     import subprocess
     import sys
 
@@ -673,8 +696,8 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
     fast, plain = (nnx.Conv(c_in, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
                    for f in (layers.cpu_conv, jax.lax.conv_general_dilated))
     loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-    (gf, xf), (gp, xp) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
-    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+    (gf, xf), (gp, xp) = (nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x) for m in (fast, plain))
+    np.testing.assert_allclose(nnx.jit(fast)(x), nnx.jit(plain)(x), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
     assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
@@ -684,7 +707,7 @@ for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (
 for shape in [(3, 11, 10, 20), (2, 9, 11, 3), (2, 24, 24, 6), (1, 8, 22, 1)]:
     x = jnp.round(jax.random.normal(jax.random.key(1), shape) * 2)
     pool = lambda v: layers.max_pool(v, 2)
-    np.testing.assert_array_equal(pool(x), nnx.max_pool(x, (2, 2), (2, 2)))
+    np.testing.assert_array_equal(jax.jit(pool)(x), nnx.max_pool(x, (2, 2), (2, 2)))
     weights = jax.random.normal(jax.random.key(2), pool(x).shape)
     grads = (jax.jit(jax.grad(lambda v: jnp.sum(f(v) * weights)))(x)
              for f in (pool, lambda v: nnx.max_pool(v, (2, 2), (2, 2))))
@@ -715,7 +738,7 @@ for t, dh, causal, padded in [(70, 16, True, False), (50, 32, True, False), (6, 
     q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, 2, dh)) for i in range(4))
     key_mask = (jnp.arange(t) < jnp.array([9, t])[:, None])[:, None, None] if padded else None
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else key_mask
-    loss = lambda attend: jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2))(q, k, v)
+    loss = lambda attend: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2)))(q, k, v)
     fused = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, key_mask, causal=causal))
     assert "archlab_attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q, key_mask))(q))
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(loss(lambda *a: layers.einsum_attention(*a, mask)))):
