@@ -17,6 +17,7 @@ from flax import nnx
 
 from models import cpu_kernels, layers
 from models.layers import FeedForward, MultiHeadAttention, attention_kernel, dot_product_attention
+from tests.conftest import ROOT
 
 D, H, T = 16, 4, 6
 
@@ -468,10 +469,14 @@ def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda v: fast(v))(x))
 
 
+# one source of the kernels (with their header): a build quick enough for the build's own tests
+ONE_SOURCE = ("cpu_norm.cc", "cpu_kernels.h")
+
+
 def test_cpu_kernels_build_with_the_compiler_it_is_given(tmp_path, monkeypatch):
     """The build compiles through a temporary file renamed into place (one source: the full build is every other
     test's, through the cache), and names a missing compiler."""
-    norm = [f for f in cpu_kernels.SOURCES if f.name in ("cpu_norm.cc", "cpu_kernels.h")]
+    norm = [f for f in cpu_kernels.SOURCES if f.name in ONE_SOURCE]
     cpu_kernels.build(tmp_path / "conv.so", norm)
     assert (tmp_path / "conv.so").stat().st_size > 0 and not list(tmp_path.glob("*.so.*"))
     monkeypatch.setenv("CXX", "no-such-c++")
@@ -487,10 +492,10 @@ def test_processes_needing_the_same_build_compile_it_once(tmp_path):
     compiler.write_text(f"#!/bin/sh\necho run >> {log}\nexec c++ \"$@\"\n")
     compiler.chmod(0o755)
     code = ("from models import cpu_kernels; "
-            "print(cpu_kernels.built([f for f in cpu_kernels.SOURCES if f.name in ('cpu_norm.cc', 'cpu_kernels.h')]))")
+            f"print(cpu_kernels.built([f for f in cpu_kernels.SOURCES if f.name in {ONE_SOURCE}]))")
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "CXX": str(compiler)}
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env,
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
     paths = {p.communicate(timeout=300)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs) and len(paths) == 1 and Path(paths.pop()).stat().st_size > 0
     assert log.read_text().splitlines() == ["run"]
@@ -682,9 +687,6 @@ def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path
     """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
     process, the build's flags patched), convolutions, the max pool (values and gradients) and attention still
     equal lax's (jitted: eager dispatch took half the test's time)."""
-    import subprocess
-    import sys
-
     code = f"""
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
@@ -745,8 +747,7 @@ for t, dh, causal, padded in [(70, 16, True, False), (50, 32, True, False), (6, 
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
 print("same")
 """
-    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert done.stdout.strip().endswith("same"), done.stderr[-2000:]
     assert list((tmp_path / "archlab" / "native").glob("cpu_kernels-*.so"))
