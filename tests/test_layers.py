@@ -3,6 +3,7 @@ helpers' kernels (convolutions, pooling, dense weight gradients, attention)."""
 
 import logging
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -681,7 +682,7 @@ def test_flops_count_the_fused_attention():
         assert compiled_flops(step, q, q, q) == pytest.approx(products, rel=0.01)
 
 
-@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86 instruction sets")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE (4)
 def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
     """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
