@@ -50,6 +50,7 @@ SHARED_SETUPS = {"test_claims": {"claims"}, "test_shootout": {"images", "languag
                  "test_disk_full": {"uninterrupted"}}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
