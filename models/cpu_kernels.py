@@ -93,7 +93,8 @@ def library_path(sources: list[Path] = SOURCES) -> Path:
 
 def build(path: Path, sources: list[Path] = SOURCES) -> None:
     """Compile `sources` into `path`, through a temporary folder whose library is renamed into place (processes may
-    race to build). Each .cc compiles in its own compiler process, side by side: 19-26 s instead of 27-33 s on 2 cores."""
+    race to build). Each .cc compiles in its own compiler process, side by side: 19-26 s instead of 27-33 s on 2
+    cores."""
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (set CXX)")

@@ -49,7 +49,7 @@ def twins(name: str, **extra) -> tuple[nnx.Module, nnx.Module, jax.Array]:
     return loop, scanned, example()
 
 
-@nnx.jit
+@nnx.jit  # eagerly, a tiny Simba's forward alone took 20-28 s on 2 cores
 def forward(model: nnx.Module, x: tuple) -> jax.Array:
     return model(*x)
 
@@ -59,7 +59,7 @@ def loss(model: nnx.Module, x: tuple) -> jax.Array:
     return jnp.sum(out * jnp.cos(jnp.arange(out.size).reshape(out.shape)))
 
 
-grad = nnx.jit(nnx.grad(loss))  # eagerly, a tiny Simba's forward alone takes 20 s on 2 cores
+grad = nnx.jit(nnx.grad(loss))
 
 
 @pytest.mark.parametrize("name", MODELS)
