@@ -133,14 +133,14 @@ def test_fused_attention_equals_the_einsums_values_and_gradients(batch, t, s, he
     mask = jnp.tril(jnp.ones((t, s), bool))[None, None] if causal else None
     loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * dy)
     fused = jax.jit(jax.value_and_grad(loss(partial_attention(causal)), argnums=(0, 1, 2)))
-    plain = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))
+    plain = jax.jit(jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2)))
     for got, want in zip(jax.tree.leaves(fused(q, k, v)), jax.tree.leaves(plain(q, k, v))):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
     jaxpr = str(jax.make_jaxpr(fused)(q, k, v))
     assert ("archlab_attention_grad" in jaxpr) == (kernels == "native")
     if causal and kernels == "native":  # the future never leaks: the last key and value reach only the last query
-        y = partial_attention(causal)(q, k, v)
-        y2 = partial_attention(causal)(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
+        attend = jax.jit(partial_attention(causal))
+        y, y2 = attend(q, k, v), attend(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
         np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
         assert not np.allclose(y[:, -1], y2[:, -1])
 
@@ -152,7 +152,7 @@ def test_fused_attention_is_stable_for_large_logits_and_lets_nans_show(causal):
     einsums' 0 x NaN leaks it), so that `trainer.nan_policy` sees it."""
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 70, 2, 16)) for i in range(3))
     mask = jnp.tril(jnp.ones((70, 70), bool))[None, None] if causal else None
-    fused, plain = partial_attention(causal), lambda q, k, v: layers.einsum_attention(q, k, v, mask)
+    fused, plain = jax.jit(partial_attention(causal)), jax.jit(lambda q, k, v: layers.einsum_attention(q, k, v, mask))
     assert "archlab_attention" in str(jax.make_jaxpr(fused)(q, k, v))
     big = fused(q * 30, k * 30, v)  # logits of a few thousand: fp32 rounds each to ~1e-4, both sum in other orders
     assert np.isfinite(big).all()
@@ -174,7 +174,7 @@ def test_fused_attention_with_a_padding_mask_equals_the_einsums(mask_batch, kern
     mask = (jnp.arange(50) < jnp.array([50, 20, 0])[:, None]).at[0, 7].set(False)[:mask_batch, None, None]
     loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * dy)
     fused = jax.jit(jax.value_and_grad(loss(lambda q, k, v: dot_product_attention(q, k, v, mask)), argnums=(0, 1, 2)))
-    plain = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))
+    plain = jax.jit(jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2)))
     got, want = fused(q, k, v), plain(q, k, v)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
@@ -192,17 +192,16 @@ def test_blocked_causal_attention_matches_the_masked_product_values_and_gradient
     q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, H, 8)) for i in range(4))
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
     loss = lambda attend: lambda q, k, v: (attend(q, k, v) * dy).sum()
-    blocked = jax.value_and_grad(loss(layers.causal_blocked_attention), argnums=(0, 1, 2))(q, k, v)
-    masked = jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)), argnums=(0, 1, 2))(
-        q, k, v)
+    blocked = jax.jit(jax.value_and_grad(loss(layers.causal_blocked_attention), argnums=(0, 1, 2)))(q, k, v)
+    masked = jax.jit(jax.value_and_grad(loss(lambda q, k, v: layers.einsum_attention(q, k, v, mask)),
+                                        argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(masked)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    attend = jax.jit(layers.causal_blocked_attention)
     if jax.default_backend() == "cpu":  # where dot_product_attention(causal=True) takes the blocks
-        np.testing.assert_array_equal(dot_product_attention(q, k, v, causal=True),
-                                      layers.causal_blocked_attention(q, k, v))
+        np.testing.assert_array_equal(jax.jit(partial_attention(True))(q, k, v), attend(q, k, v))
     # the future never leaks: changing the last key and value leaves every earlier output as it was
-    y = layers.causal_blocked_attention(q, k, v)
-    y2 = layers.causal_blocked_attention(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
+    y, y2 = attend(q, k, v), attend(q, k.at[:, -1].set(50.0), v.at[:, -1].set(50.0))
     np.testing.assert_array_equal(y[:, :-1], y2[:, :-1])
     assert not np.allclose(y[:, -1], y2[:, -1])
     with pytest.raises(ValueError, match="130 queries and 130 keys.*divisible by blocks=4"):
@@ -315,19 +314,20 @@ def test_cpu_conv_equals_nnx_conv_values_and_gradients(c_in, c_out, k, stride, p
 
     x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))  # 3 images over 2 threads
     fast, plain = model(layers.cpu_conv), model(jax.lax.conv_general_dilated)
-    np.testing.assert_allclose(fast(x), plain(x), rtol=1e-5, atol=1e-5)
 
     def loss(m: nnx.Conv, x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.sin(m(x)))  # a non-constant output gradient
 
-    (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
+    # values and gradients in one compiled call each (eager dispatch of every small op took most of the time)
+    outputs = nnx.jit(lambda m, x: (m(x), nnx.grad(loss, argnums=(0, 1))(m, x)))
+    (y_fast, (gm_fast, gx_fast)), (y_plain, (gm_plain, gx_plain)) = (outputs(m, x) for m in (fast, plain))
+    np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-4, atol=1e-5)
     # sums over the batch's pixels in another order: a few 1e-5 apart where a value is near 0
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=5e-5)
     np.testing.assert_allclose(gm_fast["bias"][...], gm_plain["bias"][...], rtol=1e-4, atol=1e-5)
     if kernels == "native":  # the same bits every time, however the threads split the batch
-        grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
-        np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
+        np.testing.assert_array_equal(outputs(fast, x)[1][0]["kernel"][...], gm_fast["kernel"][...])
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda v: fast(v))(x))
     backward = str(jax.make_jaxpr(nnx.grad(loss, argnums=(0, 1)))(fast, x))
     for target in ["forward", "input_grad", "weight_grad"]:
@@ -346,12 +346,12 @@ def test_one_channel_layer_by_pixels_equals_lax(k, c_out, padding):
     w = jax.random.normal(jax.random.key(1), (k, k, 1, c_out))
     padding = padding if isinstance(padding, str) else tuple(padding)
     conv = lambda fn, w: fn(x, w, (1, 1), padding, dimension_numbers=layers.NHWC)
-    np.testing.assert_allclose(conv(layers.cpu_conv, w), conv(jax.lax.conv_general_dilated, w), rtol=1e-5, atol=1e-5)
     loss = lambda fn, w: jnp.sum(jnp.sin(conv(fn, w)))
-    backward = jax.grad(partial(loss, layers.cpu_conv))
-    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(backward)(w))
-    np.testing.assert_allclose(backward(w), jax.grad(partial(loss, jax.lax.conv_general_dilated))(w),
-                               rtol=1e-4, atol=5e-5)
+    outputs = lambda fn: jax.jit(lambda w: (conv(fn, w), jax.grad(partial(loss, fn))(w)))(w)
+    (y_fast, dw_fast), (y_plain, dw_plain) = outputs(layers.cpu_conv), outputs(jax.lax.conv_general_dilated)
+    np.testing.assert_allclose(y_fast, y_plain, rtol=1e-5, atol=1e-5)
+    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(jax.grad(partial(loss, layers.cpu_conv)))(w))
+    np.testing.assert_allclose(dw_fast, dw_plain, rtol=1e-4, atol=5e-5)
 
 
 @pytest.mark.parametrize("shape, d_out, bias", [
@@ -370,12 +370,13 @@ def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kern
 
     x = jax.random.normal(jax.random.key(1), shape)
     fast, plain = model(layers.cpu_dot), model(jax.lax.dot_general)
-    np.testing.assert_array_equal(fast(x), plain(x))  # the forward is lax's dot either way
 
     def loss(m: nnx.Linear, x: jax.Array) -> jax.Array:
         return jnp.sum(jnp.sin(m(x)))
 
-    (gm_fast, gx_fast), (gm_plain, gx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (fast, plain))
+    outputs = nnx.jit(lambda m, x: (m(x), nnx.grad(loss, argnums=(0, 1))(m, x)))
+    (y_fast, (gm_fast, gx_fast)), (y_plain, (gm_plain, gx_plain)) = (outputs(m, x) for m in (fast, plain))
+    np.testing.assert_array_equal(y_fast, y_plain)  # the forward is lax's dot either way
     np.testing.assert_allclose(gx_fast, gx_plain, rtol=1e-5, atol=1e-6)
     rows = int(np.prod(shape[:-1]))
     dense = d_out % cpu_kernels.DENSE_WIDTH == 0  # the dense kernel; else the 1x1 convolution's, rows permitting
@@ -389,8 +390,7 @@ def test_cpu_dot_equals_nnx_linear_values_and_gradients(shape, d_out, bias, kern
     atol = 1e-4 if xla_dot else 2e-5
     np.testing.assert_allclose(gm_fast["kernel"][...], gm_plain["kernel"][...], rtol=1e-4, atol=atol)
     if kernel:  # the same bits every time, however the threads split the rows
-        grad = jax.jit(nnx.grad(loss, argnums=(0, 1)))
-        np.testing.assert_array_equal(grad(fast, x)[0]["kernel"][...], gm_fast["kernel"][...])
+        np.testing.assert_array_equal(outputs(fast, x)[1][0]["kernel"][...], gm_fast["kernel"][...])
 
 
 def test_cpu_dot_leaves_other_contractions_and_dtypes_to_lax():
@@ -451,8 +451,10 @@ def test_batch_norm_equals_nnx_batch_norm_values_gradients_and_running_averages(
         bn = cls(shape[-1], momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
         bn.scale[...] = jnp.linspace(0.5, 2, shape[-1])
         bn.bias[...] = jnp.linspace(-1, 1, shape[-1])
-        grads = nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x)) * weights), argnums=(0, 1))(bn, x)
-        norms.append((bn, bn(x), grads))
+        grads_then_values = nnx.jit(lambda m, x: (nnx.grad(lambda m, x: jnp.sum(jnp.sin(m(x)) * weights),
+                                                               argnums=(0, 1))(m, x), m(x)))
+        grads, y = grads_then_values(bn, x)
+        norms.append((bn, y, grads))
     (fast, y_fast, (gm_fast, gx_fast)), (plain, y_plain, (gm_plain, gx_plain)) = norms
     graphdef, state = nnx.split(fast)
     assert "custom_vjp_call" in str(jax.make_jaxpr(lambda s, v: nnx.merge(graphdef, s)(v))(state, x))
@@ -536,17 +538,19 @@ def test_max_pool_kernel_routes_ties_to_the_first_maximum(shape, window, kernels
     """archlab's CPU kernel and the reshape-and-max agree on values and, without ties, on gradients; with ties the
     kernel gives the whole gradient to the first maximum of each window, as select-and-scatter does."""
     x = jax.random.normal(jax.random.key(0), shape)
-    weights = jax.random.normal(jax.random.key(1), layers.max_pool(x, window).shape)
+    weights = jax.random.normal(jax.random.key(1), jax.eval_shape(lambda v: layers.max_pool(v, window), x).shape)
     pooled = lambda v: jnp.sum(layers.max_pool(v, window) * weights)
-    np.testing.assert_array_equal(layers.max_pool(x, window), nnx.max_pool(x, (window, window), (window, window)))
-    grad_ref = jax.grad(lambda v: jnp.sum(nnx.max_pool(v, (window, window), (window, window)) * weights))
-    np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(x), grad_ref(x))
+    np.testing.assert_array_equal(jax.jit(lambda v: layers.max_pool(v, window))(x),
+                                  jax.jit(lambda v: nnx.max_pool(v, (window, window), (window, window)))(x))
+    grad, grad_ref = jax.jit(jax.grad(pooled)), jax.jit(jax.grad(
+        lambda v: jnp.sum(nnx.max_pool(v, (window, window), (window, window)) * weights)))
+    np.testing.assert_array_equal(grad(x), grad_ref(x))
     ties = jnp.round(x)  # many windows with equal maxima
     if kernels == "native":
         assert "archlab_max_pool_grad" in str(jax.make_jaxpr(jax.grad(pooled))(x))
-        np.testing.assert_array_equal(jax.jit(jax.grad(pooled))(ties), grad_ref(ties))
+        np.testing.assert_array_equal(grad(ties), grad_ref(ties))
     else:
-        np.testing.assert_allclose(jnp.sum(jax.grad(pooled)(ties)), jnp.sum(grad_ref(ties)), rtol=1e-5)
+        np.testing.assert_allclose(jnp.sum(grad(ties)), jnp.sum(grad_ref(ties)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("shape, window, stride, padding", [
@@ -565,13 +569,14 @@ def test_overlapping_max_pool_equals_nnx_max_pool_with_ties_to_the_first_maximum
     weights = jax.random.normal(jax.random.key(1), want.shape)
     pooled = lambda v: jnp.sum(layers.max_pool(v, window, stride=stride, padding=padding) * weights)
     reference = lambda v: jnp.sum(nnx.max_pool(v, (window, window), (stride, stride), pads) * weights)
-    np.testing.assert_array_equal(jax.jit(lambda v: layers.max_pool(v, window, stride, padding))(x), want)
+    pool = jax.jit(lambda v: layers.max_pool(v, window, stride, padding))
+    np.testing.assert_array_equal(pool(x), want)
     for v in (x, jnp.round(x)):  # the second with many tied windows
-        np.testing.assert_allclose(jax.jit(jax.grad(pooled))(v), jax.grad(reference)(v), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(jax.jit(jax.grad(pooled))(v), jax.jit(jax.grad(reference))(v), rtol=1e-6, atol=1e-6)
     backward = str(jax.make_jaxpr(jax.grad(pooled))(x))
     assert "reduce_window" not in backward and "select_and_scatter" not in backward
     nan = x.at[0, 1, 1, 0].set(jnp.nan)  # a NaN wins its windows, as in nnx's pool
-    np.testing.assert_array_equal(jnp.isnan(layers.max_pool(nan, window, stride, padding)),
+    np.testing.assert_array_equal(jnp.isnan(pool(nan)),
                                   jnp.isnan(nnx.max_pool(nan, (window, window), (stride, stride), pads)))
 
 
@@ -593,11 +598,11 @@ def test_cpu_conv_with_large_weights_and_few_pixels_is_a_patch_matmul(x_shape, w
     w = jax.random.normal(jax.random.key(1), w_shape) * w_shape[0] ** -1 * w_shape[2] ** -0.5
     fast = lambda x, w: layers.cpu_conv(x, w, strides, padding, dimension_numbers=layers.NHWC)
     plain = lambda x, w: jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=layers.NHWC)
-    np.testing.assert_allclose(jax.jit(fast)(x, w), plain(x, w), rtol=1e-4, atol=1e-4)
-    loss = lambda conv: (lambda x, w: jnp.sum(jnp.sin(conv(x, w))))
-    for got, want in zip(jax.jit(jax.grad(loss(fast), argnums=(0, 1)))(x, w), jax.grad(loss(plain), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(jax.jit(fast)(x, w), jax.jit(plain)(x, w), rtol=1e-4, atol=1e-4)
+    loss = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(conv(x, w))), argnums=(0, 1)))
+    for got, want in zip(loss(fast)(x, w), loss(plain)(x, w)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    backward = str(jax.make_jaxpr(jax.grad(loss(fast), argnums=(0, 1)))(x, w))
+    backward = str(jax.make_jaxpr(loss(fast))(x, w))
     assert "archlab_conv" not in backward
     assert ("archlab_dense_weight_grad" in backward) == layers._dense_kernel_pays(w_shape[3])
 
@@ -684,72 +689,87 @@ def test_flops_count_the_fused_attention():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction sets")
-@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # AVX2 (8-float vectors), SSE (4)
-def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(march, tmp_path):
-    """Laptops without AVX-512 build the kernels with 8- or 4-float vectors: built that way here (in a fresh
-    process, the build's flags patched), convolutions, the max pool (values and gradients) and attention still
-    equal lax's (jitted: eager dispatch took half the test's time)."""
-    code = f"""
+def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(tmp_path):
+    """Laptops without AVX-512 build the kernels with 8-float (AVX2) or 4-float (SSE) vectors: both built here, side
+    by side in one fresh process (the build's flags patched, the SSE build under its own names), convolutions, the
+    max pool (values and gradients) and attention still equal lax's, computed once for both (everything jitted:
+    eager dispatch took half the test's time)."""
+    code = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from models import cpu_kernels, layers
-cpu_kernels._flags = lambda: ["-O2", "-march={march}", "-std=c++17", "-shared", "-fPIC", "-w"]
+march = lambda name: lambda: ["-O2", f"-march={name}", "-std=c++17", "-shared", "-fPIC", "-w"]
+cpu_kernels._flags = march("x86-64")  # SSE: 4-float vectors
+cpu_kernels.register(cpu_kernels.built(), "sse_")
+cpu_kernels._flags = march("haswell")  # AVX2: 8-float vectors, under archlab's own names
 assert cpu_kernels.available()
-for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (6, 16, 5, 1), (3, 32, 3, 1)]:
-    x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))
-    fast, plain = (nnx.Conv(c_in, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
-                   for f in (layers.cpu_conv, jax.lax.conv_general_dilated))
-    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-    (gf, xf), (gp, xp) = (nnx.jit(nnx.grad(loss, argnums=(0, 1)))(m, x) for m in (fast, plain))
-    np.testing.assert_allclose(nnx.jit(fast)(x), nnx.jit(plain)(x), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(xf, xp, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gf["kernel"][...], gp["kernel"][...], rtol=1e-4, atol=5e-5)
-    assert "archlab_conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
-# the max pool's vectors over a pixel's channels, their last few lanes (1, 3, 6: under a vector, whole-vector
-# stores spilling onto the next taps; 20: 2.5 vectors), odd widths; with ties, each window's gradient to its first
-# maximum, as select-and-scatter's
-for shape in [(3, 11, 10, 20), (2, 9, 11, 3), (2, 24, 24, 6), (1, 8, 22, 1)]:
-    x = jnp.round(jax.random.normal(jax.random.key(1), shape) * 2)
-    pool = lambda v: layers.max_pool(v, 2)
-    np.testing.assert_array_equal(jax.jit(pool)(x), nnx.max_pool(x, (2, 2), (2, 2)))
-    weights = jax.random.normal(jax.random.key(2), pool(x).shape)
-    grads = (jax.jit(jax.grad(lambda v: jnp.sum(f(v) * weights)))(x)
-             for f in (pool, lambda v: nnx.max_pool(v, (2, 2), (2, 2))))
-    np.testing.assert_array_equal(*grads)
-    assert "archlab_max_pool_grad" in str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(pool(v))))(x))
-# 16 vector registers here, so the dense kernel's 1-2 vector blocks (the 6 x 4-vector ones need 32); cpu_dot gives
+# 16 vector registers in both, so the dense kernel's 1-2 vector blocks (the 6 x 4-vector ones need 32); cpu_dot gives
 # it dy of fewer than 128 columns and leaves wider ones to XLA's dot
 assert cpu_kernels.vector_registers() == 16
 assert layers._dense_kernel_pays(64) and not layers._dense_kernel_pays(272)
-# 203 -> 272: tiles and rows split; 70 -> 64: one tile with a short last block
-for d_in, d_out in [(203, 272), (70, 64)]:
-    x = jax.random.normal(jax.random.key(1), (600, d_in))
-    dy = jax.random.normal(jax.random.key(2), (600, d_out))
-    np.testing.assert_allclose(cpu_kernels.dense_weight_grad(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
-    fast, plain = (nnx.Linear(d_in, d_out, dot_general=f, rngs=nnx.Rngs(0))
-                   for f in (layers.cpu_dot, jax.lax.dot_general))
-    loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
-    assert ("archlab_dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))) == (d_out < 128)
-    np.testing.assert_allclose(nnx.grad(loss)(fast, x)["kernel"][...], nnx.grad(loss)(plain, x)["kernel"][...],
-                               rtol=1e-4, atol=5e-5)
-x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
-sums = cpu_kernels.channel_moments(x, x)
-np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
-np.testing.assert_allclose(sums[1], (x * x).sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
-# keys and head sizes of 9, 7, 4, 3, 2 and 1 vectors: AVX2's register blocks of 3 vectors, 2 + 2, 3 + 2 + 2, 1
-for t, dh, causal, padded in [(70, 16, True, False), (50, 32, True, False), (6, 16, False, False),
-                              (17, 16, False, True)]:  # padded: 9 keys of the first
-    q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, 2, dh)) for i in range(4))
-    key_mask = (jnp.arange(t) < jnp.array([9, t])[:, None])[:, None, None] if padded else None
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else key_mask
-    loss = lambda attend: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2)))(q, k, v)
-    fused = loss(lambda q, k, v: layers.dot_product_attention(q, k, v, key_mask, causal=causal))
-    assert "archlab_attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q, key_mask))(q))
-    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(loss(lambda *a: layers.einsum_attention(*a, mask)))):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
-print("same")
+references = {}
+def reference(compute, *key):  # lax's results, computed once for both builds
+    if key not in references:
+        references[key] = compute()
+    return references[key]
+loss = lambda m, x: jnp.sum(jnp.sin(m(x)))
+outputs = lambda: nnx.jit(lambda m, x: (m(x), nnx.grad(loss, argnums=(0, 1))(m, x)))
+def check(prefix):
+    for c_in, c_out, k, stride in [(20, 24, 3, 1), (20, 40, 3, 2), (20, 16, 5, 1), (6, 16, 5, 1), (3, 32, 3, 1)]:
+        x = jax.random.normal(jax.random.key(1), (3, 11, 10, c_in))
+        fast, plain = (nnx.Conv(c_in, c_out, (k, k), strides=stride, conv_general_dilated=f, rngs=nnx.Rngs(0))
+                       for f in (layers.cpu_conv, jax.lax.conv_general_dilated))
+        y, (g, gx) = outputs()(fast, x)
+        y_want, (g_want, gx_want) = reference(lambda: outputs()(plain, x), "conv", c_in, c_out, k, stride)
+        np.testing.assert_allclose(y, y_want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gx, gx_want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(g["kernel"][...], g_want["kernel"][...], rtol=1e-4, atol=5e-5)
+        assert prefix + "conv_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))
+    # the max pool's vectors over a pixel's channels, their last few lanes (1, 3, 6: under a vector, whole-vector
+    # stores spilling onto the next taps; 20: 2.5 vectors), odd widths; with ties, each window's gradient to its
+    # first maximum, as select-and-scatter's
+    for shape in [(3, 11, 10, 20), (2, 9, 11, 3), (2, 24, 24, 6), (1, 8, 22, 1)]:
+        x = jnp.round(jax.random.normal(jax.random.key(1), shape) * 2)
+        weights = jax.random.normal(jax.random.key(2), (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+        both = lambda pool: jax.jit(lambda v: (pool(v), jax.grad(lambda v: jnp.sum(pool(v) * weights))(v)))(x)
+        want = reference(lambda: both(lambda v: nnx.max_pool(v, (2, 2), (2, 2))), "pool", shape)
+        for got, expected in zip(both(lambda v: layers.max_pool(v, 2)), want):
+            np.testing.assert_array_equal(got, expected)
+        assert prefix + "max_pool_grad" in str(jax.make_jaxpr(jax.grad(lambda v: jnp.sum(layers.max_pool(v, 2))))(x))
+    # 203 -> 272: tiles and rows split; 70 -> 64: one tile with a short last block
+    for d_in, d_out in [(203, 272), (70, 64)]:
+        x = jax.random.normal(jax.random.key(1), (600, d_in))
+        dy = jax.random.normal(jax.random.key(2), (600, d_out))
+        np.testing.assert_allclose(jax.jit(cpu_kernels.dense_weight_grad)(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
+        fast, plain = (nnx.Linear(d_in, d_out, dot_general=f, rngs=nnx.Rngs(0))
+                       for f in (layers.cpu_dot, jax.lax.dot_general))
+        assert (prefix + "dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))) == (d_out < 128)
+        np.testing.assert_allclose(nnx.jit(nnx.grad(loss))(fast, x)["kernel"][...],
+                                   reference(lambda: nnx.jit(nnx.grad(loss))(plain, x), "dense", d_in)["kernel"][...],
+                                   rtol=1e-4, atol=5e-5)
+    x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
+    sums = jax.jit(cpu_kernels.channel_moments)(x, x)
+    np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(sums[1], (x * x).sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
+    # keys and head sizes of 9, 7, 4, 3, 2 and 1 vectors: AVX2's register blocks of 3 vectors, 2 + 2, 3 + 2 + 2, 1
+    for t, dh, causal, padded in [(70, 16, True, False), (50, 32, True, False), (6, 16, False, False),
+                                  (17, 16, False, True)]:  # padded: 9 keys of the first
+        q, k, v, dy = (jax.random.normal(jax.random.key(i), (2, t, 2, dh)) for i in range(4))
+        key_mask = (jnp.arange(t) < jnp.array([9, t])[:, None])[:, None, None] if padded else None
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None] if causal else key_mask
+        loss_of = lambda attend: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(attend(*a) * dy), argnums=(0, 1, 2)))(
+            q, k, v)
+        fused = loss_of(lambda q, k, v: layers.dot_product_attention(q, k, v, key_mask, causal=causal))
+        assert prefix + "attention" in str(jax.make_jaxpr(lambda q: layers.dot_product_attention(q, q, q, key_mask))(q))
+        want = reference(lambda: loss_of(lambda *a: layers.einsum_attention(*a, mask)), "attention", t, dh, causal)
+        for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+for prefix in ("sse_", "archlab_"):
+    with cpu_kernels.tracing_with(prefix):
+        check(prefix)
+    print(prefix, "same")
 """
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert done.stdout.strip().endswith("same"), done.stderr[-2000:]
-    assert list((tmp_path / "archlab" / "native").glob("cpu_kernels-*.so"))
+    assert done.stdout.split() == ["sse_", "same", "archlab_", "same"], done.stderr[-2000:]
+    assert len(list((tmp_path / "archlab" / "native").glob("cpu_kernels-*.so"))) == 2
