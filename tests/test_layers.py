@@ -571,8 +571,9 @@ def test_overlapping_max_pool_equals_nnx_max_pool_with_ties_to_the_first_maximum
     reference = lambda v: jnp.sum(nnx.max_pool(v, (window, window), (stride, stride), pads) * weights)
     pool = jax.jit(lambda v: layers.max_pool(v, window, stride, padding))
     np.testing.assert_array_equal(pool(x), want)
+    grad, grad_ref = jax.jit(jax.grad(pooled)), jax.jit(jax.grad(reference))
     for v in (x, jnp.round(x)):  # the second with many tied windows
-        np.testing.assert_allclose(jax.jit(jax.grad(pooled))(v), jax.jit(jax.grad(reference))(v), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(grad(v), grad_ref(v), rtol=1e-6, atol=1e-6)
     backward = str(jax.make_jaxpr(jax.grad(pooled))(x))
     assert "reduce_window" not in backward and "select_and_scatter" not in backward
     nan = x.at[0, 1, 1, 0].set(jnp.nan)  # a NaN wins its windows, as in nnx's pool
@@ -740,7 +741,10 @@ def check(prefix):
     for d_in, d_out in [(203, 272), (70, 64)]:
         x = jax.random.normal(jax.random.key(1), (600, d_in))
         dy = jax.random.normal(jax.random.key(2), (600, d_out))
-        np.testing.assert_allclose(jax.jit(cpu_kernels.dense_weight_grad)(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
+        # a new function for each build: jit would reuse a function's trace, and with it the first build's kernel
+        dense = jax.jit(lambda x, dy: cpu_kernels.dense_weight_grad(x, dy))
+        assert prefix + "dense_weight_grad" in dense.lower(x, dy).as_text()
+        np.testing.assert_allclose(dense(x, dy), x.T @ dy, rtol=1e-4, atol=1e-3)
         fast, plain = (nnx.Linear(d_in, d_out, dot_general=f, rngs=nnx.Rngs(0))
                        for f in (layers.cpu_dot, jax.lax.dot_general))
         assert (prefix + "dense_weight_grad" in str(jax.make_jaxpr(nnx.grad(loss))(fast, x))) == (d_out < 128)
@@ -748,7 +752,9 @@ def check(prefix):
                                    reference(lambda: nnx.jit(nnx.grad(loss))(plain, x), "dense", d_in)["kernel"][...],
                                    rtol=1e-4, atol=5e-5)
     x = jax.random.normal(jax.random.key(1), (4, 9, 9, 21)) * 3 + 1
-    sums = jax.jit(cpu_kernels.channel_moments)(x, x)
+    moments = jax.jit(lambda a, b: cpu_kernels.channel_moments(a, b))
+    assert prefix + "channel_moments" in moments.lower(x, x).as_text()
+    sums = moments(x, x)
     np.testing.assert_allclose(sums[0], x.sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
     np.testing.assert_allclose(sums[1], (x * x).sum((0, 1, 2)), rtol=1e-5, atol=1e-3)
     # keys and head sizes of 9, 7, 4, 3, 2 and 1 vectors: AVX2's register blocks of 3 vectors, 2 + 2, 3 + 2 + 2, 1
