@@ -1,10 +1,17 @@
 """Every config group composes; overrides reach the config; bad options fail with one clear line."""
 
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from train.config import compose, default_compute_dtype, group_options
+from train.writers import read_metrics
 
 
 def test_defaults_compose_to_lenet_on_digits():
@@ -54,13 +61,40 @@ def test_compute_dtype_is_bfloat16_on_accelerators_and_float32_on_cpu():
 
 def after_runtime_apply(switches: str, code: str, xla_flags: str | None = None) -> str:
     """stdout of `code` run in a fresh Python after runtime.apply(SWITCHES), with XLA_FLAGS unset or `xla_flags`."""
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | ({"XLA_FLAGS": xla_flags} if xla_flags else {})
     script = f"import os; from train import runtime; runtime.apply(keep_freed_memory=False, {switches}); {code}"
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+
+
+MATH = """
+import sys, numpy as np, jax, jax.numpy as jnp
+x = jnp.linspace(-20, 20, 10_001, dtype=jnp.float32)
+ops = {"tanh": jnp.tanh, "exp": jnp.exp, "log": lambda v: jnp.log(jnp.abs(v) + 1e-3), "sin": jnp.sin,
+       "rsqrt": lambda v: jax.lax.rsqrt(jnp.abs(v) + 1e-3), "erf": jax.scipy.special.erf, "gelu": jax.nn.gelu,
+       "pow": lambda v: jnp.abs(v) ** 1.7, "dtanh": jax.vmap(jax.grad(jnp.tanh))}
+np.savez(sys.argv[1], **{name: np.asarray(jax.jit(op)(x)) for name, op in ops.items()})
+"""
+
+
+def test_the_suites_compile_level_computes_what_the_default_level_does(tmp_path):
+    """tests/conftest.py compiles at LLVM -O2, not XLA's default -O3, for speed: XLA's math and a GPT's first steps
+    agree to float32 rounding at the two levels (at -O0 rsqrt and log are off in the fifth digit)."""
+    args = ["model=gpt", "data=bytes", "model.num_layers=2", "trainer.steps=4", "trainer.batch_size=4",
+            "trainer.log_every=1", "trainer.eval_every=4", "checkpoint.every=4"]
+    others = re.sub(r"--xla_backend_optimization_level=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    math, steps = {}, {}
+    for level in (2, 3):
+        env = {"XLA_FLAGS": f"{others} --xla_backend_optimization_level={level}"}
+        subprocess.run([sys.executable, "-c", MATH, str(tmp_path / f"{level}.npz")], cwd=ROOT, check=True,
+                       env=os.environ | env)
+        math[level] = np.load(tmp_path / f"{level}.npz")
+        run_cli([*args, f"hydra.run.dir={tmp_path / str(level)}"], env=env)
+        records = read_metrics(tmp_path / str(level) / "metrics.jsonl")
+        steps[level] = [(r["train/loss"], r["train/grad_norm"]) for r in records if "train/loss" in r]
+    for name in math[3]:
+        np.testing.assert_allclose(math[2][name], math[3][name], rtol=1e-6, atol=1e-30, err_msg=name)
+    assert len(steps[3]) == 4
+    np.testing.assert_allclose(steps[2], steps[3], rtol=1e-6)
 
 
 def test_runtime_switches_hand_convolutions_dots_and_reductions_back_to_xla():
