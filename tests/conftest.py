@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from models import cpu_kernels
+from train import runtime
 from train.config import compose
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,9 +21,7 @@ os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".pytest_cache" / "xdg"))
 # code at LLVM's -O2 instead of its default -O3 takes the suite from 17 to 13 minutes here and computes the same (a
 # model's first training steps bitwise or within 4e-7 relative; tests/test_configs.py checks). At -O0 XLA's tanh,
 # log and rsqrt lose digits. Subprocesses inherit XLA_FLAGS; a level the user sets wins.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=2"
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+runtime.add_xla_flags("--xla_backend_optimization_level=2")
 
 
 def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, module: str = "train",
