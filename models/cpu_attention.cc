@@ -45,7 +45,9 @@ void block(const float* a, int64_t ar, int64_t ad, const float* b, int64_t ldb, 
       for (int m = 0; m < NC; ++m) acc[r][m] += av * bv[m];
     }
   }
+#pragma GCC unroll 8  // acc from registers, not from a stack copy zeroed by memset (cpu_kernels.cc's forward_block)
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
     for (int m = 0; m < NC; ++m) {
       vec* p = (vec*)(c + r * ldc + kLanes * m);
       *p = add ? *p + acc[r][m] : acc[r][m];

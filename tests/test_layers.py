@@ -302,7 +302,8 @@ def test_activation_max_pool_equals_the_activation_then_the_pool(act):
     (16, 32, 1, 2, "VALID"),              # and its projection shortcut
     (32, 16, 5, 3, [(2, 0), (1, 3)]),     # strides and paddings the input gradient's phases must cover
     (40, 24, 3, 1, "SAME"),               # channels that are not whole vectors
-    (64, 64, 3, 1, "SAME"),               # two vectors at a time
+    (64, 64, 3, 1, "SAME"),               # two vectors at a time; weight gradient in 6 x 4-vector blocks
+    (5, 64, 3, 1, "SAME"),                # and their last rows (15 = 2 x 6 + 3)
     (1, 8, 3, 2, "SAME"),                 # strided (XLA: lax's, materialised)
     (6, 16, 5, 2, [(2, 1), (0, 3)]),      # few input channels (kernel: dy's channels a vector) by phases
     (4, 32, 3, 1, "SAME"),                # and two vectors of them, the border taps skipped
