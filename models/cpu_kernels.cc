@@ -82,7 +82,8 @@ __attribute__((noinline)) static void forward_block(const float* xs, int64_t xro
     }
   }
   // Unrolled, so that the accumulators go from registers to y: as loops, GCC zeroed a copy of acc on the stack
-  // (a call to memset) on entry and stored through it (ResNet-20's convolutions 1-4%, attention's blocks 4-14%).
+  // (a call to memset) on entry and stored through it. Per op ResNet-20's convolutions 1.02-1.10x, attention
+  // 1.04-1.14x.
 #pragma GCC unroll 16
   for (int b = 0; b < BW; ++b) {
 #pragma GCC unroll 4
@@ -262,7 +263,7 @@ __attribute__((noinline)) static void narrow_block(const float* dr, int64_t drow
           }
         }
       }
-#pragma GCC unroll 16  // as in forward_block: LeNet conv2's input gradient 1.25x
+#pragma GCC unroll 16  // as in forward_block: LeNet conv2's input gradient 1.26x
   for (int p = 0; p < P; ++p)
 #pragma GCC unroll 16
     for (int k = 0; k < C; ++k) x[p * xstride + k] = sum_lanes(acc[p][k]);
