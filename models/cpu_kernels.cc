@@ -411,7 +411,6 @@ static void weight_tail(int nr, int nc, const float* xs, int64_t xrow, int64_t p
 // 6 rows by 4 vectors: 24 multiply-adds for 10 loads, against weight_block<8, 2>'s 16 for 10.
 constexpr int kDenseCols = 4, kDenseRows = (kRegisters - kDenseCols - 2) / kDenseCols;  // as attention's blocks
 constexpr bool kDenseBlocks = kDenseRows * kDenseCols > kAccumulators;
-static bool wide_blocks(int64_t columns) { return kDenseBlocks && columns % (kLanes * kDenseCols) == 0; }
 
 template <int CB = kDenseRows>
 static void wide_block(int nr, const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
@@ -420,6 +419,23 @@ static void wide_block(int nr, const float* xs, int64_t xrow, int64_t pstride, i
     if (nr == CB) return weight_block<CB, kDenseCols>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
     wide_block<CB - 1>(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
   }
+}
+
+// The register blocks of a weight gradient whose dw has d columns: nc accumulator vectors by `rows` dw rows.
+struct WeightBlocks {
+  int nc;
+  int64_t rows;
+};
+static WeightBlocks weight_blocks(int64_t d) {
+  if (kDenseBlocks && widen(d) % (kLanes * kDenseCols) == 0) return {kDenseCols, kDenseRows};
+  return {group(d), kAccumulators / group(d)};
+}
+
+// weight_block for nr dw rows (at most weight_blocks' rows) and nc vectors.
+static void weight_rows(int nr, int nc, const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
+                        int64_t ho, int64_t wo, int64_t dv, float* dw) {
+  if (nc == kDenseCols) return wide_block(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+  weight_tail<kAccumulators>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
 }
 
 // The weight gradient of a one-channel stride-1 layer with fewer output channels than a vector holds (LeNet's
@@ -466,9 +482,9 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
   int64_t n = xd[0], h = xd[1], wi = xd[2], c = xd[3], kh = wd[0], kw = wd[1], co = wd[3], ho = dd[1], wo = dd[2];
   int64_t rows = (ho - 1) * sh + kh, cols = (wo - 1) * sw + kw, run = kw * c, cv = widen(co), size = kh * run * cv;
-  const bool wide = wide_blocks(cv);
-  const int nc = wide ? kDenseCols : group(co);
-  const int64_t block = wide ? kDenseRows : kAccumulators / nc;  // dw rows per block, each nc accumulator vectors
+  const WeightBlocks blocks = weight_blocks(co);
+  const int nc = blocks.nc;
+  const int64_t block = blocks.rows;
   int64_t workers = num_workers(pool, n);
   // One dw (rows of cv) per chunk of images, summed at the end; kept by the calling thread between calls, so that
   // a dense layer's megabytes of partial sums are not allocated (and faulted in) every step.
@@ -512,14 +528,9 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
       const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t t = 0; t < run; t += block)
-          for (int64_t o = 0; o < cv; o += kLanes * nc) {
-            const int nr = (int)std::min<int64_t>(block, run - t);
-            float* dwb = acc + (i * run + t) * cv + o;
-            if (wide)
-              wide_block(nr, xs + i * xrow + t, xrow, sw * c, sh, db + o, ho, wo, cv, dwb);
-            else
-              weight_tail<kAccumulators>(nr, nc, xs + i * xrow + t, xrow, sw * c, sh, db + o, ho, wo, cv, dwb);
-          }
+          for (int64_t o = 0; o < cv; o += kLanes * nc)
+            weight_rows((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh, db + o, ho,
+                        wo, cv, acc + (i * run + t) * cv + o);
     }
   });
   float* out = dw->typed_data();
@@ -551,9 +562,9 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (n % kLanes != 0 || dy.dimensions()[0] != m)
     return ffi::Error::InvalidArgument("dense_weight_grad: dy's rows differ from x's, or not whole vectors wide");
   if (k == 0 || n == 0) return ffi::Error::Success();  // an empty dw
-  const bool wide = wide_blocks(n);
-  const int nc = wide ? kDenseCols : group(n);
-  int64_t block = wide ? kDenseRows : kAccumulators / nc;
+  const WeightBlocks blocks = weight_blocks(n);
+  const int nc = blocks.nc;
+  const int64_t block = blocks.rows;
   int64_t tiles_k = (k + kTileK - 1) / kTileK, tiles_n = (n + kTileN - 1) / kTileN, tiles = tiles_k * tiles_n;
   int64_t parts = std::max<int64_t>(1, std::min((kTasks + tiles - 1) / tiles, m / kTileM));
   thread_local Floats partial;  // parts 1.. (part 0 sums into dw), kept between calls
@@ -573,12 +584,8 @@ static ffi::Error DenseWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       const int64_t rows = std::min(kTileM, m1 - i);
       for (int64_t t = k0; t < k1; t += block)
         for (int64_t o = n0; o < n1; o += kLanes * nc) {
-          const int nr = (int)std::min<int64_t>(block, k1 - t);
-          const float *xs = xp + i * k + t, *ds = dp + i * n + o;
-          if (wide)
-            wide_block(nr, xs, k, 0, 1, ds, rows, 1, n, acc + t * n + o);
-          else
-            weight_tail<kAccumulators>(nr, nc, xs, k, 0, 1, ds, rows, 1, n, acc + t * n + o);
+          weight_rows((int)std::min<int64_t>(block, k1 - t), nc, xp + i * k + t, k, 0, 1, dp + i * n + o, rows, 1,
+                      n, acc + t * n + o);
         }
     }
   });
