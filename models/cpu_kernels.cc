@@ -32,25 +32,30 @@ static const float* widened(const float* src, int64_t rows, int64_t d, Floats& o
   return out.data();
 }
 
-// A thread's buffer for one zero-padded image; its zeros are written once per geometry, not once per image.
+// A thread's buffer for zero-padded images; its zeros are written once per geometry, not once per image.
 struct Scratch {
   Floats data;
-  std::array<int64_t, 7> geometry{};
+  std::array<int64_t, 8> geometry{};
 };
 
-// One image, zero-padded into scratch: rows [-pt, rows - pt) and columns [-pl, cols - pl) of x (h, w, c).
+// `count` consecutive images of x (h, w, c), each zero-padded into scratch as rows [-pt, rows - pt) and columns
+// [-pl, cols - pl), rows * cols * c apart; x itself where no padding is needed (its images h * w * c apart).
+// `room` (at least count) is how many the scratch holds, so that a smaller last group keeps its zeros.
 static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int64_t pt, int64_t pl,
-                           int64_t rows, int64_t cols, Scratch& scratch) {
+                           int64_t rows, int64_t cols, Scratch& scratch, int64_t count = 1, int64_t room = 1) {
   if (pt == 0 && pl == 0 && cols == w && rows <= h) return x;
-  std::array<int64_t, 7> geometry{h, w, c, pt, pl, rows, cols};
+  std::array<int64_t, 8> geometry{h, w, c, pt, pl, rows, cols, room};
   if (geometry != scratch.geometry) {
-    scratch.data.assign(rows * cols * c, 0.0f);
+    scratch.data.assign(room * rows * cols * c, 0.0f);
     scratch.geometry = geometry;
   }
   float* out = scratch.data.data();
   int64_t c0 = std::max<int64_t>(0, pl), c1 = std::min<int64_t>(cols, w + pl);
-  for (int64_t r = std::max<int64_t>(0, pt); r < std::min<int64_t>(rows, h + pt); ++r)
-    if (c1 > c0) std::memcpy(out + (r * cols + c0) * c, x + ((r - pt) * w + c0 - pl) * c, (c1 - c0) * c * sizeof(float));
+  for (int64_t g = 0; g < count; ++g)
+    for (int64_t r = std::max<int64_t>(0, pt); r < std::min<int64_t>(rows, h + pt); ++r)
+      if (c1 > c0)
+        std::memcpy(out + ((g * rows + r) * cols + c0) * c, x + ((g * h + r - pt) * w + c0 - pl) * c,
+                    (c1 - c0) * c * sizeof(float));
   return out;
 }
 
@@ -371,39 +376,42 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   return ffi::Error::Success();
 }
 
-// dw[t0:t0+CB, o0:o0+kLanes*NC] += the sum over one image's output pixels of x[window, t] * dy[pixel, o], t running
-// over one kernel row's (kw, c) values, contiguous in x's window row and in dw. xs points at the first pixel's
-// window (value t0), the next pixel's pstride further; dy (pixels of dv values) and dw (rows of dv) at o0.
+// dw[t0:t0+CB, o0:o0+kLanes*NC] += the sum over the output pixels of `images` images of x[window, t] * dy[pixel, o],
+// t running over one kernel row's (kw, c) values, contiguous in x's window row and in dw. xs points at the first
+// pixel's window (value t0), the next pixel's pstride further, the next image's ximage further; dy (pixels of dv
+// values, one image after another) and dw (rows of dv) at o0.
 template <int CB, int NC>
 static inline void weight_block(const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
-                                int64_t ho, int64_t wo, int64_t dv, float* dw) {
+                                int64_t ho, int64_t wo, int64_t dv, float* dw, int64_t images, int64_t ximage) {
   vec acc[CB][NC];
   for (int k = 0; k < CB; ++k)
     for (int m = 0; m < NC; ++m) acc[k][m] = *(const vec*)(dw + k * dv + kLanes * m);
-  for (int64_t r = 0; r < ho; ++r) {
-    const float* xr = xs + r * sh * xrow;
-    const float* dr = dy + r * wo * dv;
-    for (int64_t q = 0; q < wo; ++q) {
-      vec d[NC];
-      for (int m = 0; m < NC; ++m) d[m] = *(const vec*)(dr + q * dv + kLanes * m);
-      const float* xq = xr + q * pstride;
-      for (int k = 0; k < CB; ++k) {
-        float xv = xq[k];
-        for (int m = 0; m < NC; ++m) acc[k][m] += xv * d[m];
+  for (int64_t g = 0; g < images; ++g)
+    for (int64_t r = 0; r < ho; ++r) {
+      const float* xr = xs + g * ximage + r * sh * xrow;
+      const float* dr = dy + (g * ho + r) * wo * dv;
+      for (int64_t q = 0; q < wo; ++q) {
+        vec d[NC];
+        for (int m = 0; m < NC; ++m) d[m] = *(const vec*)(dr + q * dv + kLanes * m);
+        const float* xq = xr + q * pstride;
+        for (int k = 0; k < CB; ++k) {
+          float xv = xq[k];
+          for (int m = 0; m < NC; ++m) acc[k][m] += xv * d[m];
+        }
       }
     }
-  }
   for (int k = 0; k < CB; ++k)
     for (int m = 0; m < NC; ++m) *(vec*)(dw + k * dv + kLanes * m) = acc[k][m];
 }
 
 template <int CB>
 static void weight_tail(int nr, int nc, const float* xs, int64_t xrow, int64_t pstride, int64_t sh,
-                        const float* dy, int64_t ho, int64_t wo, int64_t dv, float* dw) {
+                        const float* dy, int64_t ho, int64_t wo, int64_t dv, float* dw, int64_t images,
+                        int64_t ximage) {
   if constexpr (CB > 0) {
-    if (nr == CB && nc == 2) return weight_block<CB, 2>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
-    if (nr == CB) return weight_block<CB, 1>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
-    weight_tail<CB - 1>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+    if (nr == CB && nc == 2) return weight_block<CB, 2>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
+    if (nr == CB) return weight_block<CB, 1>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
+    weight_tail<CB - 1>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
   }
 }
 
@@ -414,10 +422,10 @@ constexpr bool kDenseBlocks = kDenseRows * kDenseCols > kAccumulators;
 
 template <int CB = kDenseRows>
 static void wide_block(int nr, const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
-                       int64_t ho, int64_t wo, int64_t dv, float* dw) {
+                       int64_t ho, int64_t wo, int64_t dv, float* dw, int64_t images, int64_t ximage) {
   if constexpr (CB > 0) {
-    if (nr == CB) return weight_block<CB, kDenseCols>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
-    wide_block<CB - 1>(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+    if (nr == CB) return weight_block<CB, kDenseCols>(xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
+    wide_block<CB - 1>(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
   }
 }
 
@@ -433,9 +441,9 @@ static WeightBlocks weight_blocks(int64_t d) {
 
 // weight_block for nr dw rows (at most weight_blocks' rows) and nc vectors.
 static void weight_rows(int nr, int nc, const float* xs, int64_t xrow, int64_t pstride, int64_t sh, const float* dy,
-                        int64_t ho, int64_t wo, int64_t dv, float* dw) {
-  if (nc == kDenseCols) return wide_block(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
-  weight_tail<kAccumulators>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw);
+                        int64_t ho, int64_t wo, int64_t dv, float* dw, int64_t images = 1, int64_t ximage = 0) {
+  if (nc == kDenseCols) return wide_block(nr, xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
+  weight_tail<kAccumulators>(nr, nc, xs, xrow, pstride, sh, dy, ho, wo, dv, dw, images, ximage);
 }
 
 // The weight gradient of a one-channel stride-1 layer with fewer output channels than a vector holds (LeNet's
@@ -477,6 +485,12 @@ static void pixel_weight_grad_kw(int64_t kw, const float* xs, int64_t xrow, cons
   }
 }
 
+// Small images' weight gradients sum each register block over a group of images of up to kSweepPixels output
+// pixels, whose padded x and dy fit in kGroupBytes of cache, so that the block's accumulators are not loaded and
+// stored every few dozen pixels (ResNet-20's 7x7x64 layer: 96 blocks an image of 49 pixels). Per op its weight
+// gradient 1.20x, the 14x14x32 layer's 1.04x, LeNet conv2's 1.11x (Zen 4); ResNet-20's step 1.02x.
+constexpr int64_t kSweepPixels = 512, kGroupBytes = 256 << 10;
+
 static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                  ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
   auto xd = x.dimensions(), dd = dy.dimensions(), wd = dw->dimensions();
@@ -486,6 +500,9 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   const int nc = blocks.nc;
   const int64_t block = blocks.rows;
   int64_t workers = num_workers(pool, n);
+  const int64_t image_bytes = (rows * cols * c + ho * wo * cv) * (int64_t)sizeof(float);
+  const int64_t group = std::max<int64_t>(1, std::min((kSweepPixels + ho * wo - 1) / (ho * wo),
+                                                      kGroupBytes / image_bytes));
   // One dw (rows of cv) per chunk of images, summed at the end; kept by the calling thread between calls, so that
   // a dense layer's megabytes of partial sums are not allocated (and faulted in) every step.
   thread_local Floats partial;
@@ -521,16 +538,19 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
         for (int64_t o = 0; o < co; ++o) acc[t * cv + o] = sum_lanes(vsum[t * co + o]);
       return;
     }
-    for (int64_t b = chunk * n / workers; b < (chunk + 1) * n / workers; ++b) {
+    const int64_t end = (chunk + 1) * n / workers;
+    for (int64_t b = chunk * n / workers; b < end; b += group) {
+      const int64_t count = std::min(group, end - b);
       const float* xb = xp + b * h * wi * c;
-      const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
-      int64_t xrow = (xs == xb ? wi : cols) * c;
-      const float* db = widened(dp + b * ho * wo * co, ho * wo, co, dy_wide);
+      const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch, count, group);
+      const bool in_place = xs == xb;
+      int64_t xrow = (in_place ? wi : cols) * c, ximage = in_place ? h * wi * c : rows * cols * c;
+      const float* db = widened(dp + b * ho * wo * co, count * ho * wo, co, dy_wide);
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t t = 0; t < run; t += block)
           for (int64_t o = 0; o < cv; o += kLanes * nc)
             weight_rows((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh, db + o, ho,
-                        wo, cv, acc + (i * run + t) * cv + o);
+                        wo, cv, acc + (i * run + t) * cv + o, count, ximage);
     }
   });
   float* out = dw->typed_data();

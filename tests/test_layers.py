@@ -355,6 +355,23 @@ def test_one_channel_layer_by_pixels_equals_lax(k, c_out, padding):
     np.testing.assert_allclose(dw_fast, dw_plain, rtol=1e-4, atol=5e-5)
 
 
+@pytest.mark.parametrize("hw, c_in, c_out, k, padding", [
+    (11, 64, 64, 3, ((1, 1), (1, 1))),  # padded copies: groups of 3 images, a chunk's last group smaller
+    (20, 6, 16, 5, ((0, 0), (0, 0))),   # x read in place: groups of 2 images (16x16 output pixels)
+])
+def test_conv_weight_grad_over_groups_of_images(hw, c_in, c_out, k, padding):
+    """The weight-gradient kernel sums each register block over a group of small images (kSweepPixels): 9 images
+    over two threads' chunks of 4 and 5, so that a chunk holds whole groups and a smaller last one."""
+    if not cpu_kernels.available():
+        pytest.skip("archlab's CPU kernels did not build here")
+    x = jax.random.normal(jax.random.key(0), (9, hw, hw, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out))
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=layers.NHWC)
+    y, pullback = jax.vjp(conv, x, w)
+    dy = jnp.sin(y)
+    fast = jax.jit(lambda x, dy: cpu_kernels.conv_weight_grad(x, dy, w.shape, (1, 1), padding))(x, dy)
+    np.testing.assert_allclose(fast, pullback(dy)[1], rtol=1e-4, atol=2e-4)
+
 @pytest.mark.parametrize("shape, d_out, bias", [
     ((128, 40), 24, True),       # an MLP's batch: 2 kernel chunks of 64 rows; widths that are not whole vectors
     ((4, 17, 64), 64, False),    # 68 rows: 2 chunks of 34
