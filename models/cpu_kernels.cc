@@ -501,8 +501,9 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   const int64_t block = blocks.rows;
   int64_t workers = num_workers(pool, n);
   const int64_t image_bytes = (rows * cols * c + ho * wo * cv) * (int64_t)sizeof(float);
-  const int64_t group = std::max<int64_t>(1, std::min((kSweepPixels + ho * wo - 1) / (ho * wo),
-                                                      kGroupBytes / image_bytes));
+  const int64_t image_pixels = std::max<int64_t>(1, ho * wo);
+  const int64_t group_size =
+      std::max<int64_t>(1, std::min((kSweepPixels + image_pixels - 1) / image_pixels, kGroupBytes / image_bytes));
   // One dw (rows of cv) per chunk of images, summed at the end; kept by the calling thread between calls, so that
   // a dense layer's megabytes of partial sums are not allocated (and faulted in) every step.
   thread_local Floats partial;
@@ -539,10 +540,10 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
       return;
     }
     const int64_t end = (chunk + 1) * n / workers;
-    for (int64_t b = chunk * n / workers; b < end; b += group) {
-      const int64_t count = std::min(group, end - b);
+    for (int64_t b = chunk * n / workers; b < end; b += group_size) {
+      const int64_t count = std::min(group_size, end - b);
       const float* xb = xp + b * h * wi * c;
-      const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch, count, group);
+      const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch, count, group_size);
       const bool in_place = xs == xb;
       int64_t xrow = (in_place ? wi : cols) * c, ximage = in_place ? h * wi * c : rows * cols * c;
       const float* db = widened(dp + b * ho * wo * co, count * ho * wo, co, dy_wide);
