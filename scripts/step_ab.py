@@ -14,6 +14,7 @@ Prints the step times and the speedup (before / after: median [range] over the r
 """
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -77,12 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     builds = {}
     for name in ("before", "after"):
         leaves = jax.tree.leaves(init())
-        step = loop.make_train_step(exp, flat=True)
-        if name == "before":
-            with cpu_kernels.tracing_with(AGAINST):
-                compiled = step.lower(leaves, batches[0]).compile()
-        else:
-            compiled = step.lower(leaves, batches[0]).compile()
+        with cpu_kernels.tracing_with(AGAINST) if name == "before" else contextlib.nullcontext():
+            compiled = loop.make_train_step(exp, flat=True).lower(leaves, batches[0]).compile()
         builds[name] = {"step": compiled, "leaves": leaves, "calls": 0}
     if f'"{cpu_kernels.PREFIX}' in builds["before"]["step"].as_text():  # a custom call's quoted target name
         sys.exit("error: the step compiled for --against's kernels calls the working tree's")
