@@ -372,6 +372,7 @@ def test_conv_weight_grad_over_groups_of_images(hw, c_in, c_out, k, padding):
     fast = jax.jit(lambda x, dy: cpu_kernels.conv_weight_grad(x, dy, w.shape, (1, 1), padding))(x, dy)
     np.testing.assert_allclose(fast, pullback(dy)[1], rtol=1e-4, atol=2e-4)
 
+
 @pytest.mark.parametrize("shape, d_out, bias", [
     ((128, 40), 24, True),       # an MLP's batch: 2 kernel chunks of 64 rows; widths that are not whole vectors
     ((4, 17, 64), 64, False),    # 68 rows: 2 chunks of 34
