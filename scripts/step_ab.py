@@ -3,8 +3,9 @@
 The jitted train step of one config (`python -m train`'s overrides) is compiled twice: against the working tree's
 CPU kernels and against those of git revision `--against` (built beside them, as `scripts/conv_bench.py --against`
 does). The two are then called in turn, `--calls` steps each, for `--rounds` rounds, on the same batches, the first
-of each pair alternating. Runs of separate processes spread over 0.83-1.37x on these VMs, since the machine's speed
-drifts between them; turns within one process share the same seconds, so a 1-2% change shows in the median.
+of each pair alternating. Alternating runs of `python -m train` in separate processes differed by 0.91-1.18x a
+pair on the Zen 4 (ResNet-20 and LeNet, two trees), since the machine's speed drifts between them; turns within one
+process share the same seconds, so a 1-2% change shows in the median.
 
     python scripts/step_ab.py --against HEAD model=resnet20 data=digits optim=sgd
     python scripts/step_ab.py --against HEAD~1 --rounds 60 --calls 5 model=gpt data=bytes
@@ -40,6 +41,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.calls < 1:
         sys.exit(f"error: --rounds {args.rounds} and --calls {args.calls} must be at least 1")
+    if args.out.is_dir():
+        args.out = args.out / "step_ab.json"
+    from scripts.bench import partial_path
+
+    try:  # a bad --out fails now, not after the timing
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial_path(args.out).touch()
+        partial_path(args.out).unlink()
+    except OSError as e:
+        sys.exit(f"error: --out {args.out} cannot be written ({e.strerror}); give a writable file or folder")
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -110,7 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
         "step_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
         "speedup": [statistics.median(ratios), min(ratios), max(ratios)],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     median, low, high = result["speedup"]
     print(f"`{result['command']}`, {result['date']}: step {result['step_ms']['before']:.3g} ms with "

@@ -43,3 +43,12 @@ def test_step_ab_names_a_revision_it_cannot_find():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
         "error: --against 'no-such-revision' is not a commit of this repository (a branch, tag or hash)")
+
+
+def test_step_ab_names_an_out_it_cannot_write(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = subprocess.run([sys.executable, "scripts/step_ab.py", "--against", "HEAD", "--out", str(blocker / "ab.json"),
+                           "model=mlp"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == (
+        f"error: --out {blocker / 'ab.json'} cannot be written (File exists); give a writable file or folder")
