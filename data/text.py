@@ -148,6 +148,16 @@ def check_length(length: int, unit: str, path: str | None, seq_len: int, val_fra
                          f"or a larger data.val_fraction)")
 
 
+def token_counts(tokens: np.ndarray, minlength: int, chunk: int = 1 << 20) -> np.ndarray:
+    """How often each token id occurs, counted a chunk at a time: np.bincount widens its input to int64, and that
+    copy of the whole default corpus (31 MB of bytes, 250 MB widened) took 1.3 s of the 1.4 its count did."""
+    counts = np.zeros(minlength, np.int64)
+    for start in range(0, len(tokens), chunk):
+        part = np.bincount(tokens[start:start + chunk], minlength=len(counts))
+        counts = np.pad(counts, (0, len(part) - len(counts))) + part
+    return counts
+
+
 def random_windows(stream: np.ndarray, length: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """`batch_size` windows of `length` tokens at uniformly random offsets of `stream`: (B, length)."""
     starts = rng.integers(0, len(stream) - length + 1, size=batch_size)
@@ -183,7 +193,7 @@ class ByteCorpus:
 
     def unigram_loss(self) -> float:
         """Cross-entropy (nats per byte) of the validation split under the training split's byte frequencies."""
-        counts = np.bincount(self.train, minlength=256) + 1.0  # add-one: bytes unseen in training stay finite
+        counts = token_counts(self.train, 256) + 1.0  # add-one: bytes unseen in training stay finite
         log_p = np.log(counts / counts.sum())
         return float(-np.mean(log_p[self.val]))
 
@@ -236,7 +246,7 @@ class TextCorpus(ByteCorpus):
         return self._splits[1]
 
     def unigram_loss(self) -> float:
-        counts = np.bincount(self.train, minlength=self.tokenizer.vocab_size) + 1.0
+        counts = token_counts(self.train, self.tokenizer.vocab_size) + 1.0
         return float(-np.mean(np.log(counts / counts.sum())[self.val]))
 
 

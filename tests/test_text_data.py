@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data.text import BOS, EOS, ByteCorpus, NumbersEnFr, SentencePieceTokenizer, TFDSText, number_pair
+from data.text import BOS, EOS, ByteCorpus, NumbersEnFr, SentencePieceTokenizer, TFDSText, number_pair, token_counts
 from tests.conftest import run_cli
 from train.loop import run
 
@@ -48,6 +48,14 @@ def test_unigram_loss_is_the_cross_entropy_of_byte_frequencies(tmp_path):
     data = ByteCorpus(path=str(path), seq_len=4, val_fraction=0.5)
     # 500 training bytes, 250 of 'a' and of 'b'; add-one counts over 256 bytes: p = 251 / 756 each.
     assert data.unigram_loss() == pytest.approx(-np.log(251 / 756))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_token_counts_over_chunks_are_bincounts(dtype):
+    tokens = np.random.default_rng(0).integers(0, 9, size=1000).astype(dtype)
+    for chunk in (1, 7, 1000, 4096):  # chunk boundaries anywhere; one chunk; more than the tokens
+        np.testing.assert_array_equal(token_counts(tokens, 12, chunk=chunk), np.bincount(tokens, minlength=12))
+    np.testing.assert_array_equal(token_counts(tokens, 4, chunk=7), np.bincount(tokens))  # ids past minlength
 
 
 def test_default_corpus_is_the_standard_library():
