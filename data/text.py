@@ -10,6 +10,7 @@
 
 import functools
 import math
+import os
 import sysconfig
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -104,9 +105,12 @@ def until_eos(ids: Iterable[int]) -> list[int]:
 def stdlib_sources() -> bytes:
     """The `.py` files of the running Python's standard library (no site-packages), in sorted path order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(f for f in root.rglob("*.py")
-                   if not {"site-packages", "dist-packages"} & set(f.relative_to(root).parts))
-    return b"".join(f.read_bytes() for f in files)
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        # pruned, not filtered afterwards: walking an installation's site-packages took 0.5 s of 0.6
+        subfolders[:] = [d for d in subfolders if d not in ("site-packages", "dist-packages")]
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
+    return b"".join(f.read_bytes() for f in sorted(files))
 
 
 TEXT_VALID = "a text file, or null for the standard library's .py sources"

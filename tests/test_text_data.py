@@ -1,11 +1,13 @@
 """Text data: byte corpus windows and splits, numbers split by number, tokenizers, TFDS errors, short runs."""
 
+import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from data.text import BOS, EOS, ByteCorpus, NumbersEnFr, SentencePieceTokenizer, TFDSText, number_pair, token_counts
+from data.text import (BOS, EOS, ByteCorpus, NumbersEnFr, SentencePieceTokenizer, TFDSText, number_pair, stdlib_sources,
+                       token_counts)
 from tests.conftest import run_cli
 from train.loop import run
 
@@ -62,6 +64,16 @@ def test_default_corpus_is_the_standard_library():
     data = ByteCorpus()
     assert len(data.train) > 10_000_000
     assert b"def " in data.val.tobytes() and b"import " in data.train[:100_000].tobytes()
+
+
+def test_default_corpus_reads_the_standard_librarys_py_files_in_path_order_and_no_installed_package(tmp_path,
+                                                                                                   monkeypatch):
+    for name, text in {"b/c.py": "c", "a.py": "a", "b/a.py": "ba", "site-packages/x.py": "x", "b/notes.txt": "n",
+                       "b/dist-packages/y.py": "y"}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert stdlib_sources() == b"a" + b"ba" + b"c"
 
 
 def test_too_short_text_is_a_one_line_error(tmp_path):
