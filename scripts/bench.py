@@ -440,14 +440,7 @@ def main() -> None:
             sys.exit(f"error: {e}")
         except (HydraException, OmegaConfBaseException) as e:  # an override Hydra cannot apply (a key no group has)
             sys.exit(f"error: {' '.join(str(e).splitlines()[:2])} (bench entry {name})")
-    if args.out.is_dir():
-        args.out = args.out / "bench.json"
-    try:  # a bad --out fails now, not after the suite's 20 minutes: the file write_results renames from
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial_path(args.out).touch()
-        partial_path(args.out).unlink()
-    except OSError as e:
-        sys.exit(f"error: --out {args.out} cannot be written ({e.strerror}); give a writable file or folder")
+    args.out = writable_out(args.out, "bench.json")  # now, not after the suite's 20 minutes
     cache = tempfile.mkdtemp(prefix="bench-inductor-")  # cold torch.compile, as archlab's compile is cold
     env = os.environ | {"PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": cache}
     results = {}
@@ -476,6 +469,20 @@ def write_results(out: Path, results: dict, rounds: int) -> str:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def writable_out(out: Path, name: str) -> Path:
+    """--out as the file to write (`name` in it if it is a folder), once the file written first and renamed into
+    place (`partial_path`) could be created there; otherwise exit with one line."""
+    if out.is_dir():
+        out = out / name
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial_path(out).touch()
+        partial_path(out).unlink()
+    except OSError as e:
+        sys.exit(f"error: --out {out} cannot be written ({e.strerror}); give a writable file or folder")
+    return out
 
 
 def machine() -> str:

@@ -41,16 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.calls < 1:
         sys.exit(f"error: --rounds {args.rounds} and --calls {args.calls} must be at least 1")
-    if args.out.is_dir():
-        args.out = args.out / "step_ab.json"
-    from scripts.bench import partial_path
+    from scripts.bench import writable_out
 
-    try:  # a bad --out fails now, not after the timing
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial_path(args.out).touch()
-        partial_path(args.out).unlink()
-    except OSError as e:
-        sys.exit(f"error: --out {args.out} cannot be written ({e.strerror}); give a writable file or folder")
+    args.out = writable_out(args.out, "step_ab.json")  # now, not after the timing
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
