@@ -9,6 +9,11 @@ accelerators by default), timed over `--steps` steps after two warm-up steps wit
 FLOPs per step come from XLA's cost analysis of that compiled step; MFU divides them by the step time and the
 device's dense bf16 peak from its spec sheet (`PEAK_BF16`; unknown devices get no MFU). Scan rows reuse
 scripts/scan_benchmark.py (XLA's memory account of the compiled forward+backward). Writes JSON and Markdown.
+
+Where PyTorch sees a CUDA device, each model's PyTorch twin (scripts/torch_twins.py: same shapes, optimizer and
+parameter count; on the CPU for --smoke) is timed the way a PyTorch user trains on a GPU: eager, bf16 autocast,
+cudnn.benchmark, the same one batch. Each row is written as soon as it is measured, so a run cut short keeps what
+it finished; a row that fails (out of memory, a kernel that does not lower) records its error and the run goes on.
 """
 
 import argparse
@@ -42,12 +47,16 @@ MODELS = {  # name -> (overrides, items per example: tokens for language models,
     "resnet50_224": (["model=resnet50", "data=random_images", "trainer.batch_size=128", "optim=sgd"], 1),
     "vit_b16_224": (["model=vit_b16", "data=random_images", "trainer.batch_size=128"], 1),
     "mamba_130m_seq2048": (["model=mamba_130m", "data=bytes", "data.seq_len=2048", "trainer.batch_size=8"], 2048),
+    "mamba_130m_seq2048_pallas": (["model=mamba_130m", "data=bytes", "data.seq_len=2048", "trainer.batch_size=8",
+                                   "model.scan=pallas"], 2048),
 }
 SMOKE = {
     "gpt_tiny": (["model=gpt", "data=bytes", "data.seq_len=32", "trainer.batch_size=4", "model.num_layers=1"], 32),
     "resnet20_tiny": (["model=resnet20", "data=random_images", "data.image_size=16", "data.num_classes=10",
                        "trainer.batch_size=4"], 1),
 }
+NO_TORCH_TWIN_ON_GPU = ("model=mamba_130m",)  # the twin's pure-PyTorch scan is not what a Mamba user runs on a GPU
+SECTIONS = ("models", "scans", "attention")
 
 
 def train_throughput(overrides: list[str], items: int, steps: int) -> dict:
@@ -79,70 +88,166 @@ def train_throughput(overrides: list[str], items: int, steps: int) -> dict:
             "dtype": exp.cfg.trainer.compute_dtype}
 
 
-def attention_rows(lengths: list[int], repeats: int) -> list[dict]:
+def torch_device(smoke: bool) -> str | None:
+    """Where the PyTorch twins run: a CUDA device if PyTorch sees one, the CPU for --smoke, else nowhere."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else "cpu" if smoke else None
+
+
+def torch_throughput(overrides: list[str], items: int, steps: int, device: str) -> dict:
+    """The PyTorch twin's train step as a PyTorch user writes it on a GPU: eager, bf16 autocast, one batch."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from scripts.bench import torch_optimizer
+    from scripts.torch_twins import to_torch, train_loss, twin
+    from train import targets
+
+    cfg = compose([*overrides, f"trainer.steps={steps + 2}"])
+    torch.manual_seed(cfg.trainer.seed)
+    torch.backends.cudnn.benchmark = True
+    dataset = targets.instantiate(cfg.data, _convert_="all")
+    model = twin(OmegaConf.to_container(cfg.model, resolve=True)).to(device).train()
+    optimizer, schedule = torch_optimizer(model, OmegaConf.to_container(cfg.optim, resolve=True), steps + 3)
+    batch = {k: v.to(device) for k, v in to_torch(dataset.train_batch(0, cfg.trainer.batch_size)).items()}
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def train_step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):  # archlab: fp32 on CPU
+            loss = train_loss(model, cfg.data.task, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        optimizer.step()
+        schedule.step()
+
+    t0 = time.perf_counter()
+    train_step()
+    sync()
+    first_step_s = time.perf_counter() - t0
+    train_step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    sync()
+    seconds = (time.perf_counter() - t0) / steps
+    del model, optimizer, batch
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"step_ms": 1e3 * seconds, "items_per_s": cfg.trainer.batch_size * items / seconds,
+            "first_step_s": first_step_s}
+
+
+def attention_row(length: int, repeats: int) -> dict:
     """Causal self-attention forward+backward (bf16, 12 heads of 64): the chosen kernel against plain XLA."""
-    rows = []
-    for length in lengths:
-        q, k, v = (jax.random.normal(jax.random.key(i), (4, length, 12, 64), jnp.bfloat16) for i in range(3))
-        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        paths = {"kernel": lambda q, k, v: dot_product_attention(q, k, v, causal=True),
-                 "plain": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")}
-        row = {"length": length, "kernel": attention_kernel(jnp.bfloat16, masked=False, seq_len=length)[0]}
-        for name, fn in paths.items():
-            grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-            jax.block_until_ready(grad(q, k, v))
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                out = grad(q, k, v)
-            jax.block_until_ready(out)
-            row[f"{name}_ms"] = 1e3 * (time.perf_counter() - t0) / repeats
-        rows.append(row)
-    return rows
+    q, k, v = (jax.random.normal(jax.random.key(i), (4, length, 12, 64), jnp.bfloat16) for i in range(3))
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    paths = {"kernel": lambda q, k, v: dot_product_attention(q, k, v, causal=True),
+             "plain": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")}
+    row = {"length": length, "kernel": attention_kernel(jnp.bfloat16, masked=False, seq_len=length)[0]}
+    for name, fn in paths.items():
+        grad = jax.jit(jax.grad(lambda q, k, v: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+        jax.block_until_ready(grad(q, k, v))
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            out = grad(q, k, v)
+        jax.block_until_ready(out)
+        row[f"{name}_ms"] = 1e3 * (time.perf_counter() - t0) / repeats
+    return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "accelerator.json")
-    args = parser.parse_args()
-    models = SMOKE if args.smoke else MODELS
-    scan_lengths = [64, 128] if args.smoke else [1024, 4096, 16384]
-    attention_lengths = [32] if args.smoke else [1024, 4096]
-    scans = ["sequential", "chunked"] if args.smoke else ["associative", "chunked", "pallas"]
-    device = f"{jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})"
-    result = {"date": str(date.today()), "device": device, "models": {}, "scans": [], "attention": []}
-    for name, (overrides, items) in models.items():
-        result["models"][name] = train_throughput(overrides, items, 2 if args.smoke else args.steps)
-        print(name, result["models"][name], flush=True)
-    for length in scan_lengths:
-        inputs = make_inputs(1 if args.smoke else 8, length, 16 if args.smoke else 1536, 16, jax.random.key(0))
-        for scan in scans:
-            try:
-                row = measure(scan, 256, inputs, 1 if args.smoke else 3)
-            except Exception as e:  # noqa: BLE001  (an out-of-memory row is a result too)
-                row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-            result["scans"].append({"scan": scan, "length": length, **row})
-            print(result["scans"][-1], flush=True)
-    result["attention"] = attention_rows(attention_lengths, 2 if args.smoke else 10)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    lines = [f"{device}, {result['date']}", "", "| model | dtype | step ms | items/s | TFLOP/step | MFU | compile s |",
-             "|---|---|---|---|---|---|---|"]
+def attempt(fn, *args) -> dict:
+    """fn(*args), or the error it raised as a row: an out-of-memory or a kernel that does not lower is a result."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"}
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(result: dict) -> str:
+    """The JSON report as Markdown tables."""
+    lines = [f"{result['device']}, {result['date']}", "",
+             "| model | dtype | step ms | items/s | TFLOP/step | MFU | compile s | PyTorch step ms | speed vs PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["models"].items():
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        tflops = f"{r['tflops_per_step']:.2f}" if r["tflops_per_step"] else "-"
-        lines.append(f"| {name} | {r['dtype']} | {r['step_ms']:.1f} | {r['items_per_s']:,.0f} | {tflops} | {mfu} | "
-                     f"{r['compile_s']:.1f} |")
+        t = result["torch"].get(name, {})
+        if "error" in r:
+            lines.append(f"| {name} | {r['error']} | | | | | | {fmt(t.get('step_ms'), '.1f')} | |")
+            continue
+        ratio = f"{t['step_ms'] / r['step_ms']:.2f}x" if "step_ms" in t else t.get("error", "-")
+        lines.append(f"| {name} | {r['dtype']} | {r['step_ms']:.1f} | {r['items_per_s']:,.0f} | "
+                     f"{fmt(r['tflops_per_step'], '.2f')} | {fmt(r['mfu'], '.1%')} | {r['compile_s']:.1f} | "
+                     f"{fmt(t.get('step_ms'), '.1f')} | {ratio} |")
     lines += ["", "| scan | L | fwd+bwd s | peak MiB |", "|---|---|---|---|"]
     for r in result["scans"]:
         cells = f"{r['seconds']:.4f} | {r['peak_bytes'] / 2**20:,.0f}" if "seconds" in r else f"{r['error']} |"
         lines.append(f"| {r['scan']} | {r['length']} | {cells} |")
     lines += ["", "| attention L | kernel | kernel fwd+bwd ms | plain fwd+bwd ms |", "|---|---|---|---|"]
     for r in result["attention"]:
-        lines.append(f"| {r['length']} | {r['kernel']} | {r['kernel_ms']:.2f} | {r['plain_ms']:.2f} |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        cells = (f"{r['kernel']} | {r['kernel_ms']:.2f} | {r['plain_ms']:.2f}" if "kernel_ms" in r
+                 else f"{r['error']} | |")
+        lines.append(f"| {r.get('length')} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any backend")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--only", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (valid: {', '.join(SECTIONS)})")
+    parser.add_argument("--models", default=None, help="comma-separated model rows (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "accelerator.json")
+    args = parser.parse_args()
+    models = SMOKE if args.smoke else MODELS
+    sections = args.only.split(",")
+    chosen = args.models.split(",") if args.models else list(models)
+    for bad, valid in [(set(sections) - set(SECTIONS), SECTIONS), (set(chosen) - set(models), models)]:
+        if bad:
+            parser.error(f"unknown {', '.join(sorted(bad))} (valid: {', '.join(valid)})")
+    scan_lengths = [64, 128] if args.smoke else [1024, 4096, 16384]
+    attention_lengths = [32] if args.smoke else [1024, 4096]
+    scans = ["sequential", "chunked"] if args.smoke else ["associative", "chunked", "pallas"]
+    twins = torch_device(args.smoke)
+    device = f"{jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})"
+    result = {"date": str(date.today()), "device": device, "models": {}, "torch": {}, "scans": [], "attention": []}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(section: str, row: dict, name: str | None = None) -> None:
+        if name is None:
+            result[section].append(row)
+        else:
+            result[section][name] = row
+        print(section, name or "", row, flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        args.out.with_suffix(".md").write_text(markdown(result))
+
+    if "models" in sections:
+        for name in chosen:
+            overrides, items = models[name]
+            steps = 2 if args.smoke else args.steps
+            record("models", attempt(train_throughput, overrides, items, steps), name)
+            if twins and not any(o in overrides for o in NO_TORCH_TWIN_ON_GPU):
+                record("torch", attempt(torch_throughput, overrides, items, steps, twins), name)
+    if "scans" in sections:
+        for length in scan_lengths:
+            inputs = make_inputs(1 if args.smoke else 8, length, 16 if args.smoke else 1536, 16, jax.random.key(0))
+            for scan in scans:
+                row = attempt(measure, scan, 256, inputs, 1 if args.smoke else 3)
+                record("scans", {"scan": scan, "length": length, **row})
+    if "attention" in sections:
+        for length in attention_lengths:
+            record("attention", {"length": length, **attempt(attention_row, length, 2 if args.smoke else 10)})
+    print(markdown(result))
 
 
 if __name__ == "__main__":

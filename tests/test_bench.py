@@ -70,6 +70,8 @@ def test_accelerator_bench_smoke_run_reports_every_section(tmp_path):
     for row in report["models"].values():
         assert row["step_ms"] > 0 and row["items_per_s"] > 0 and row["tflops_per_step"] > 0
         assert row["mfu"] is None  # no bf16 peak is listed for a CPU
+    assert set(report["torch"]) == {"gpt_tiny", "resnet20_tiny"}  # the PyTorch twins, on the CPU for --smoke
+    assert all(row["step_ms"] > 0 and row["items_per_s"] > 0 for row in report["torch"].values())
     assert {(r["scan"], r["length"]) for r in report["scans"]} == {(s, n) for s in ("sequential", "chunked")
                                                                    for n in (64, 128)}
     assert all(r["peak_bytes"] > 0 for r in report["scans"])

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The whole GPU/TPU path in one call of a lent accelerator machine, each part under its own time limit, every log
+# under OUT so that a part cut short still reports what it did:
+#   1. versions and the device;
+#   2. the tests that exercise accelerator code (the cuDNN attention test runs only there; the Pallas scan compiles
+#      for the device instead of interpreting);
+#   3. the default experiment and a GPT run resumed from its checkpoint, through `python -m train`;
+#   4. scripts/accelerator_bench.py (BENCH_ARGS picks sections and rows).
+#
+#   bash scripts/accelerator_check.sh OUT [tests] [train] [bench]        # the parts named, in that order; all if none
+#
+# Packages the machine lacks travel as wheels in .whl/ (installed into /tmp/site). Limits in seconds: TESTS_S,
+# TRAIN_S, BENCH_S.
+set -u
+out=${1:?usage: accelerator_check.sh OUT [tests] [train] [bench]}
+shift
+parts=${*:-tests train bench}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="/tmp/site:$PWD"
+py=${PYTHON:-python3}
+if [ -d .whl ]; then
+  $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1
+  $py -c "import jax, jaxlib, flax, optax, orbax.checkpoint as o, hydra, torch; print('jax', jax.__version__,
+'jaxlib', jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax', o.__version__,
+'hydra', hydra.__version__, 'torch', torch.__version__); print(jax.devices())" 2>&1
+} | tee "$out/env.log"
+
+for part in $parts; do
+  start=$(date +%s)
+  case $part in
+    tests)
+      # Several pytest workers share the device: no process takes XLA's default 75% of its memory up front.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "${TESTS_S:-150}" $py -m pytest -o addopts="" -q -rs \
+        -p no:cacheprovider -n 4 tests/test_layers.py tests/test_pallas_scan.py tests/test_gpt.py tests/test_mamba.py \
+        tests/test_sampling.py >"$out/tests.log" 2>&1
+      ;;
+    train)
+      run=/tmp/archlab-runs
+      timeout -k 5 "${TRAIN_S:-90}" bash -c "
+        $py -m train hydra.run.dir=$run/default &&
+        $py -m train model=gpt data=bytes trainer.steps=200 checkpoint.every=100 hydra.run.dir=$run/gpt &&
+        $py -m train model=gpt data=bytes trainer.steps=300 checkpoint.every=100 hydra.run.dir=$run/gpt &&
+        tail -n 2 $run/default/metrics.jsonl $run/gpt/metrics.jsonl" >"$out/train.log" 2>&1
+      ;;
+    bench)
+      # The PyTorch twins share the device with JAX in one process: JAX takes 60% of its memory, not 75%.
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout -k 5 "${BENCH_S:-300}" $py scripts/accelerator_bench.py \
+        --out "$out/accelerator.json" ${BENCH_ARGS:-} >"$out/bench.log" 2>&1
+      ;;
+    *) echo "unknown part $part (valid: tests, train, bench)"; exit 2 ;;
+  esac
+  echo "== $part: exit $? after $(($(date +%s) - start)) s"
+  tail -n 25 "$out/$part.log"
+done
