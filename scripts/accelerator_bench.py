@@ -35,6 +35,7 @@ from scripts.scan_benchmark import make_inputs, measure  # noqa: E402
 from train import flops as flops_lib  # noqa: E402
 from train import loop  # noqa: E402
 from train import mesh as mesh_lib  # noqa: E402
+from train import runtime  # noqa: E402
 from train.config import compose  # noqa: E402
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' spec sheets (no sparsity).
@@ -217,6 +218,7 @@ def main() -> None:
     scan_lengths = [64, 128] if args.smoke else [1024, 4096, 16384]
     attention_lengths = [32] if args.smoke else [1024, 4096]
     scans = ["sequential", "chunked"] if args.smoke else ["associative", "chunked", "pallas"]
+    runtime.apply(**compose([]).runtime)  # the settings `python -m train` applies before its first computation
     twins = torch_device(args.smoke)
     device = f"{jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})"
     result = {"date": str(date.today()), "device": device, "models": {}, "torch": {}, "scans": [], "attention": []}
@@ -231,23 +233,32 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1))
         args.out.with_suffix(".md").write_text(markdown(result))
 
-    if "models" in sections:
-        for name in chosen:
-            overrides, items = models[name]
-            steps = 2 if args.smoke else args.steps
-            record("models", attempt(train_throughput, overrides, items, steps), name)
-            if twins and not any(o in overrides for o in NO_TORCH_TWIN_ON_GPU):
-                record("torch", attempt(torch_throughput, overrides, items, steps, twins), name)
-    if "scans" in sections:
-        for length in scan_lengths:
-            inputs = make_inputs(1 if args.smoke else 8, length, 16 if args.smoke else 1536, 16, jax.random.key(0))
-            for scan in scans:
-                row = attempt(measure, scan, 256, inputs, 1 if args.smoke else 3)
-                record("scans", {"scan": scan, "length": length, **row})
-    if "attention" in sections:
-        for length in attention_lengths:
-            record("attention", {"length": length, **attempt(attention_row, length, 2 if args.smoke else 10)})
+    for section in sections:
+        if section == "models":
+            run_models(chosen, models, 2 if args.smoke else args.steps, twins, record)
+        elif section == "scans":
+            run_scans(scan_lengths, scans, args.smoke, record)
+        else:
+            for length in attention_lengths:
+                record("attention", {"length": length, **attempt(attention_row, length, 2 if args.smoke else 10)})
     print(markdown(result))
+
+
+def run_models(chosen: list[str], models: dict, steps: int, twins: str | None, record) -> None:
+    """archlab's train step of each chosen model, then its PyTorch twin's where one runs here."""
+    for name in chosen:
+        overrides, items = models[name]
+        record("models", attempt(train_throughput, overrides, items, steps), name)
+        if twins and not any(o in overrides for o in NO_TORCH_TWIN_ON_GPU):
+            record("torch", attempt(torch_throughput, overrides, items, steps, twins), name)
+
+
+def run_scans(lengths: list[int], scans: list[str], smoke: bool, record) -> None:
+    """Forward+backward of each scan at each length (Mamba-130m's d_inner 1536 and state 16, batch 8)."""
+    for length in lengths:
+        inputs = make_inputs(1 if smoke else 8, length, 16 if smoke else 1536, 16, jax.random.key(0))
+        for scan in scans:
+            record("scans", {"scan": scan, "length": length, **attempt(measure, scan, 256, inputs, 1 if smoke else 3)})
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".pytest_cache" / "xdg"))
 # log and rsqrt lose digits. Subprocesses inherit XLA_FLAGS; a level the user sets wins.
 runtime.add_xla_flags("--xla_backend_optimization_level=2")
 
+# On a GPU, XLA computes float32 dots in TF32 (10-bit mantissa) unless asked for more; the tests compare float32
+# results with references at float32 tolerances, there as on the CPU. Subprocesses read the variable.
+if runtime.accelerator_installed():
+    import jax
+
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+    jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
+
 
 def run_cli(args: list[str], *, env: dict | None = None, timeout: float = 300, module: str = "train",
             check: bool = True) -> subprocess.CompletedProcess:

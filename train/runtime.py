@@ -75,8 +75,12 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
         add_xla_flags("--xla_cpu_experimental_ynn_fusion_type=" + ",".join(f"-{kind}" for kind in off))
     if cpu_devices > 1 and not accelerator_installed():
         split_cpu(cpu_devices)
+    import jax
+
+    # On GPUs, threefry lowered as XLA ops is one large unrolled fusion per random tensor: GPT-2 small's init took
+    # 3 minutes to compile on an H200. The kernel lowering draws the same bits; other backends ignore it.
+    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     if compilation_cache:
-        import jax
 
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "jax"
         jax.config.update("jax_compilation_cache_dir", str(cache))
