@@ -116,6 +116,17 @@ def _chunk_states(num_chunks: int, block_d: int, n: int) -> pl.BlockSpec:
 # ---- Forward and backward ----
 
 
+def _cost(flops_per_state: int, operands: list[Array], out_shape: list) -> pl.CostEstimate:
+    """What a call costs, for XLA's and train/flops.py's counts (a kernel's insides are opaque to both): the
+    FLOPs of each (batch, step, channel, state) entry of the padded shapes, as models/cpu_kernels.kernel_flops counts the CPU scan
+    kernel (forward 6, backward 18, recomputed states left out), one exp per entry and direction, and each
+    operand and result read or written once."""
+    batch, length, d = operands[0].shape
+    entries = batch * length * d * operands[4].shape[1]  # operands: dt, x, B, C, A, ...
+    moved = sum(a.size * a.dtype.itemsize for a in [*operands, *out_shape])
+    return pl.CostEstimate(flops=flops_per_state * entries, transcendentals=entries, bytes_accessed=int(moved))
+
+
 def _backend_settings() -> tuple[int, pl.CompilerParams | None]:
     """(default block_d, compiler params) for the default backend.
 
@@ -141,16 +152,17 @@ def _forward(dt, A, B, C, x, h0, chunk, block_d, interpret):
     batch, length, d = x.shape
     n = A.shape[1]
     num_chunks = length // chunk
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((batch, num_chunks, d, n), x.dtype),
+                 jax.ShapeDtypeStruct(h0.shape, x.dtype)]
     return pl.pallas_call(
         functools.partial(_forward_kernel, chunk=chunk),
         grid=(batch, d // block_d),
         in_specs=[_per_channel(length, block_d), _per_channel(length, block_d), _per_row(length, n),
                   _per_row(length, n), pl.BlockSpec((block_d, n), lambda b, j: (j, 0)), _state(block_d, n)],
         out_specs=[_per_channel(length, block_d), _chunk_states(num_chunks, block_d, n), _state(block_d, n)],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, num_chunks, d, n), x.dtype),
-                   jax.ShapeDtypeStruct(h0.shape, x.dtype)],
+        out_shape=out_shape,
         compiler_params=_backend_settings()[1],
+        cost_estimate=_cost(6, [dt, x, B, C, A, h0], out_shape),
         interpret=interpret,
         name="selective_scan_forward",
     )(dt, x, B, C, A, h0)
@@ -168,6 +180,11 @@ def _scan_bwd(chunk, block_d, interpret, residuals, cotangents):
     n = A.shape[1]
     num_blocks = d // block_d
     partial_over_channels = pl.BlockSpec((None, None, length, n), lambda b, j: (b, j, 0, 0))
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                 jax.ShapeDtypeStruct((batch, num_blocks, length, n), x.dtype),
+                 jax.ShapeDtypeStruct((batch, num_blocks, length, n), x.dtype),
+                 jax.ShapeDtypeStruct((batch, d, n), x.dtype), jax.ShapeDtypeStruct((batch, d, n), x.dtype)]
+    operands = [dt, x, B, C, A, chunk_states, dy, dlast]
     ddt, dx, dB, dC, dA, dh0 = pl.pallas_call(
         functools.partial(_backward_kernel, chunk=chunk),
         grid=(batch, num_blocks),
@@ -176,14 +193,12 @@ def _scan_bwd(chunk, block_d, interpret, residuals, cotangents):
                   _chunk_states(length // chunk, block_d, n), _per_channel(length, block_d), _state(block_d, n)],
         out_specs=[_per_channel(length, block_d), _per_channel(length, block_d), partial_over_channels,
                    partial_over_channels, _state(block_d, n), _state(block_d, n)],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
-                   jax.ShapeDtypeStruct((batch, num_blocks, length, n), x.dtype),
-                   jax.ShapeDtypeStruct((batch, num_blocks, length, n), x.dtype),
-                   jax.ShapeDtypeStruct((batch, d, n), x.dtype), jax.ShapeDtypeStruct((batch, d, n), x.dtype)],
+        out_shape=out_shape,
         compiler_params=_backend_settings()[1],
+        cost_estimate=_cost(18, operands, out_shape),
         interpret=interpret,
         name="selective_scan_backward",
-    )(dt, x, B, C, A, chunk_states, dy, dlast)
+    )(*operands)
     return ddt, dA.sum(0), dB.sum(1), dC.sum(1), dx, dh0
 
 

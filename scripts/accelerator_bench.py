@@ -21,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+import traceback
 from datetime import date
 from pathlib import Path
 
@@ -163,11 +164,14 @@ def attention_row(length: int, repeats: int) -> dict:
 
 
 def attempt(fn, *args) -> dict:
-    """fn(*args), or the error it raised as a row: an out-of-memory or a kernel that does not lower is a result."""
+    """fn(*args), or the error it raised as a row: an out-of-memory or a kernel that does not lower is a result.
+    The row keeps the innermost frames too (a device's time is short: the next fix starts from them)."""
     try:
         return fn(*args)
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"}
+        frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(e.__traceback__)[-6:]]
+        return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}",
+                "where": frames}
 
 
 def fmt(value, spec: str) -> str:
@@ -177,7 +181,8 @@ def fmt(value, spec: str) -> str:
 def markdown(result: dict) -> str:
     """The JSON report as Markdown tables."""
     lines = [f"{result['device']}, {result['date']}", "",
-             "| model | dtype | step ms | items/s | TFLOP/step | MFU | compile s | PyTorch step ms | speed vs PyTorch |",
+             "| model | dtype | step ms | items/s | TFLOP/step | MFU | compile s | PyTorch step ms "
+             "| speed vs PyTorch |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["models"].items():
         t = result["torch"].get(name, {})

@@ -16,7 +16,7 @@ shift
 parts=${*:-tests train bench}
 site=${SITE:-/tmp/site}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$site:$PWD"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$site:$PWD" JAX_TRACEBACK_FILTERING=off
 py=${PYTHON:-python3}
 rm -rf "$site"  # a warm machine keeps the last call's
 if [ -d .whl ]; then
@@ -36,7 +36,8 @@ for part in $parts; do
   case $part in
     tests)
       # Several pytest workers share the device: no process takes XLA's default 75% of its memory up front.
-      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -k 5 "${TESTS_S:-150}" $py -m pytest -o addopts="" -q \
+      # SIGINT at the limit: pytest stops as on Ctrl-C and still prints the failures it has seen.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false timeout -s INT -k 20 "${TESTS_S:-150}" $py -m pytest -o addopts="" -q \
         -rfEs --tb=short -p no:cacheprovider -n "${TEST_WORKERS:-4}" \
         ${TESTS:-tests/test_layers.py tests/test_pallas_scan.py tests/test_gpt.py tests/test_mamba.py} \
         >"$out/tests.log" 2>&1

@@ -242,6 +242,18 @@ def test_cudnn_kernel_matches_the_plain_path_forward_and_gradients():
                                atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_flops_count_cudnn_attention_as_the_cpu_kernel():
+    """Model FLOPs of cuDNN's fused attention, a custom call XLA does not count: what the CPU kernel's count is."""
+    from train.flops import compiled_flops
+
+    q = jax.ShapeDtypeStruct((2, 128, 2, 64), jnp.bfloat16)
+    step = jax.grad(lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, causal=True).astype(jnp.float32)),
+                    argnums=(0, 1, 2))
+    assert "dot_product_attention_bwd_wrapper" in str(jax.make_jaxpr(step)(q, q, q))
+    assert compiled_flops(step, q, q, q) == pytest.approx(6 * 2 * 2 * 2 * 128 * 128 * 64 / 2, rel=0.01)
+
+
 def test_fully_masked_rows_stay_finite():
     q, k, v = (jax.random.normal(jax.random.key(i), (1, 3, H, 8)) for i in range(3))
     assert np.isfinite(dot_product_attention(q, k, v, jnp.zeros((1, 1, 3, 3), bool))).all()

@@ -78,3 +78,15 @@ def test_forward_and_backward_never_hold_every_state():
         *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]).compile()
     every_state = batch * length * d * n * 4  # bytes of (B, L, D, N) float32: what the associative scan materialises
     assert compiled.memory_analysis().temp_size_in_bytes < every_state
+
+
+def test_flops_count_each_kernel_call_by_its_cost_estimate():
+    """train/flops.py sees a Pallas call as the CPU scan kernel's count: forward 6 and backward 18 FLOPs per
+    (batch, step, channel, state) entry. It never walks the kernel's own jaxpr, whose operands are refs."""
+    from train.flops import loop_flops
+
+    inputs = scan_inputs(4, False)
+    step = jax.grad(lambda *a: jnp.sum(pallas_scan(*a)[0]), argnums=(0, 1, 2, 3, 4))
+    batch, length, d = SHAPES.values()
+    padded = batch * (length + -length % 8) * (d + -d % 16) * 4  # L to chunks of 8, D to blocks of 16
+    assert loop_flops(jax.make_jaxpr(step)(*inputs).jaxpr, {}) == (6 + 18) * padded
