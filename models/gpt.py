@@ -110,8 +110,10 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature: float =
     if top_p is not None:
         sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # (B, V), descending
         probs = jax.nn.softmax(sorted_logits, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p. That
+        # mass is the exclusive cumulative sum: cumsum - probs rounds (a + b) - b, off p0 by an ulp on jax 0.11.
+        cumulative = jnp.cumsum(probs, axis=-1)
+        keep = jnp.concatenate([jnp.zeros_like(cumulative[:, :1]), cumulative[:, :-1]], axis=-1) < top_p
         cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)  # (B, 1)
         logits = jnp.where(logits < cutoff, masked, logits)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)

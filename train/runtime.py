@@ -81,7 +81,6 @@ def apply(keep_freed_memory: bool, ynn_conv_fusion_off: bool, compilation_cache:
     # 3 minutes to compile on an H200. The kernel lowering draws the same bits; other backends ignore it.
     jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     if compilation_cache:
-
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "archlab" / "jax"
         jax.config.update("jax_compilation_cache_dir", str(cache))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small models compile in < 1 s too
