@@ -1,14 +1,15 @@
 """The GPU/TPU table of issue 14 in one run: throughput and MFU of the real train step, the selective-scan
 variants against sequence length, and the attention kernel against the plain path.
 
-    python scripts/accelerator_bench.py                 # on a GPU or TPU machine: the whole table, < 10 minutes
+    python scripts/accelerator_bench.py                 # on a GPU or TPU machine: the whole table
     python scripts/accelerator_bench.py --smoke         # tiny shapes, any backend (what the test runs on CPU)
 
 Train steps are `train.loop.make_train_step` on `loop.setup` of the named overrides (bfloat16 compute on
 accelerators by default), timed over `--steps` steps after two warm-up steps with a device sync at each end.
-FLOPs per step come from XLA's cost analysis of that compiled step; MFU divides them by the step time and the
-device's dense bf16 peak from its spec sheet (`PEAK_BF16`; unknown devices get no MFU). Scan rows reuse
-scripts/scan_benchmark.py (XLA's memory account of the compiled forward+backward). Writes JSON and Markdown.
+FLOPs per step are train/flops.compiled_flops' (on GPU/TPU, XLA's count before its optimizations, which turn
+dots into library calls it no longer counts); MFU divides them by the step time and the device's dense bf16 peak
+from its spec sheet (`PEAK_BF16`; unknown devices get no MFU). Scan rows reuse scripts/scan_benchmark.py (XLA's
+memory account of the compiled forward+backward). Writes JSON and Markdown.
 
 Where PyTorch sees a CUDA device, each model's PyTorch twin (scripts/torch_twins.py: same shapes, optimizer and
 parameter count; on the CPU for --smoke) is timed the way a PyTorch user trains on a GPU: eager, bf16 autocast,
