@@ -105,7 +105,7 @@ def torch_throughput(overrides: list[str], items: int, steps: int, device: str) 
     import torch
     from omegaconf import OmegaConf
 
-    from scripts.bench import torch_optimizer
+    from scripts.bench import torch_optimizer, torch_update
     from scripts.torch_twins import to_torch, train_loss, twin
     from train import targets
 
@@ -121,12 +121,7 @@ def torch_throughput(overrides: list[str], items: int, steps: int, device: str) 
     def train_step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):  # archlab: fp32 on CPU
             loss = train_loss(model, cfg.data.task, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-        optimizer.step()
-        schedule.step()
+        torch_update(model, optimizer, schedule, loss, cfg.optim.clip_norm)
 
     t0 = time.perf_counter()
     train_step()

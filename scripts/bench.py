@@ -221,12 +221,7 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
         batch = to_torch(dataset.train_batch(step, tc.batch_size))
         wait = time.perf_counter() - t
         loss = train_loss(forward, task, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.clip_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
-        optimizer.step()
-        schedule.step()
+        torch_update(model, optimizer, schedule, loss, cfg.optim.clip_norm)
         return loss, wait
 
     flops = step_flops(model, task, to_torch(dataset.train_batch(0, tc.batch_size)))
@@ -256,6 +251,20 @@ def torch_worker(overrides: list[str], compiled: bool) -> None:
         else:
             break
     reply(peak_rss_mb=peak_rss_mb())
+
+
+def torch_update(model: "torch.nn.Module", optimizer, schedule, loss: "torch.Tensor",
+                 clip_norm: float | None) -> None:
+    """One optimizer update from `loss`, as archlab's step makes it: gradients, clipping to `clip_norm`, the step,
+    the schedule's step."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+    optimizer.step()
+    schedule.step()
 
 
 def torch_optimizer(model, optim: dict, total_steps: int):
