@@ -25,6 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from models import cpu_kernels
+
 Array = jax.Array
 
 
@@ -116,15 +118,15 @@ def _chunk_states(num_chunks: int, block_d: int, n: int) -> pl.BlockSpec:
 # ---- Forward and backward ----
 
 
-def _cost(flops_per_state: int, operands: list[Array], out_shape: list) -> pl.CostEstimate:
-    """What a call costs, for XLA's and train/flops.py's counts (a kernel's insides are opaque to both): the
-    FLOPs of each (batch, step, channel, state) entry of the padded shapes, as models/cpu_kernels.kernel_flops counts the CPU scan
-    kernel (forward 6, backward 18, recomputed states left out), one exp per entry and direction, and each
-    operand and result read or written once."""
-    batch, length, d = operands[0].shape
-    entries = batch * length * d * operands[4].shape[1]  # operands: dt, x, B, C, A, ...
+def _cost(backward: bool, operands: list[Array], out_shape: list) -> pl.CostEstimate:
+    """What a call costs, for XLA's and train/flops.py's counts (a kernel's insides are opaque to both): the CPU
+    scan kernel's FLOPs on the padded shapes (models/cpu_kernels.kernel_flops), one exp per (batch, step, channel,
+    state) entry and direction, and each operand and result read or written once."""
+    dt, A = operands[0], operands[4]  # operands: dt, x, B, C, A, ...
+    target = "archlab_selective_scan_grad" if backward else "archlab_selective_scan"
+    flops = cpu_kernels.kernel_flops(target, [dt.shape, A.shape], [], {})
     moved = sum(a.size * a.dtype.itemsize for a in [*operands, *out_shape])
-    return pl.CostEstimate(flops=flops_per_state * entries, transcendentals=entries, bytes_accessed=int(moved))
+    return pl.CostEstimate(flops=int(flops), transcendentals=dt.size * A.shape[1], bytes_accessed=int(moved))
 
 
 def _backend_settings() -> tuple[int, pl.CompilerParams | None]:
@@ -162,7 +164,7 @@ def _forward(dt, A, B, C, x, h0, chunk, block_d, interpret):
         out_specs=[_per_channel(length, block_d), _chunk_states(num_chunks, block_d, n), _state(block_d, n)],
         out_shape=out_shape,
         compiler_params=_backend_settings()[1],
-        cost_estimate=_cost(6, [dt, x, B, C, A, h0], out_shape),
+        cost_estimate=_cost(False, [dt, x, B, C, A, h0], out_shape),
         interpret=interpret,
         name="selective_scan_forward",
     )(dt, x, B, C, A, h0)
@@ -195,7 +197,7 @@ def _scan_bwd(chunk, block_d, interpret, residuals, cotangents):
                    partial_over_channels, _state(block_d, n), _state(block_d, n)],
         out_shape=out_shape,
         compiler_params=_backend_settings()[1],
-        cost_estimate=_cost(18, operands, out_shape),
+        cost_estimate=_cost(True, operands, out_shape),
         interpret=interpret,
         name="selective_scan_backward",
     )(*operands)
