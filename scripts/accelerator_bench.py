@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from models.layers import attention_kernel, dot_product_attention  # noqa: E402
+from scripts.bench import replace_text, writable_out  # noqa: E402
 from scripts.scan_benchmark import make_inputs, measure  # noqa: E402
 from train import flops as flops_lib  # noqa: E402
 from train import loop  # noqa: E402
@@ -213,9 +214,12 @@ def main() -> None:
     models = SMOKE if args.smoke else MODELS
     sections = args.only.split(",")
     chosen = args.models.split(",") if args.models else list(models)
-    for bad, valid in [(set(sections) - set(SECTIONS), SECTIONS), (set(chosen) - set(models), models)]:
-        if bad:
-            parser.error(f"unknown {', '.join(sorted(bad))} (valid: {', '.join(valid)})")
+    for option, asked, valid in [("--only section", sections, SECTIONS), ("--models row", chosen, models)]:
+        if unknown := [name for name in asked if name not in valid]:
+            sys.exit(f"error: {option} {unknown[0]!r} is not known (valid: {', '.join(valid)})")
+    if args.steps < 1:
+        sys.exit(f"error: --steps {args.steps} is not valid (valid: a positive number of timed steps)")
+    args.out = writable_out(args.out, "accelerator.json")
     scan_lengths = [64, 128] if args.smoke else [1024, 4096, 16384]
     attention_lengths = [32] if args.smoke else [1024, 4096]
     scans = ["sequential", "chunked"] if args.smoke else ["associative", "chunked", "pallas"]
@@ -223,7 +227,6 @@ def main() -> None:
     twins = torch_device(args.smoke)
     device = f"{jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})"
     result = {"date": str(date.today()), "device": device, "models": {}, "torch": {}, "scans": [], "attention": []}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     def record(section: str, row: dict, name: str | None = None) -> None:
         if name is None:
@@ -231,8 +234,8 @@ def main() -> None:
         else:
             result[section][name] = row
         print(section, name or "", row, flush=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result))
+        replace_text(args.out, json.dumps(result, indent=1))
+        replace_text(args.out.with_suffix(".md"), markdown(result))
 
     for section in sections:
         if section == "models":

@@ -469,11 +469,15 @@ def write_results(out: Path, results: dict, rounds: int) -> str:
             "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]), "rounds": rounds,
             "matmul_peak_gflops": max(r["matmul_peak_gflops"] for r in results.values())}
     table = markdown(results, meta)
-    for path, text in ((out, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
-                       (out.with_suffix(".md"), table)):
-        partial_path(path).write_text(text)  # then renamed over the old: a crash never leaves half a file
-        partial_path(path).replace(path)
+    replace_text(out, json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    replace_text(out.with_suffix(".md"), table)
     return table
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` beside `path`, then rename it over `path`: a crash never leaves half a file."""
+    partial_path(path).write_text(text)
+    partial_path(path).replace(path)
 
 
 def partial_path(path: Path) -> Path:

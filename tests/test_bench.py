@@ -61,6 +61,18 @@ def test_bench_names_a_bad_override_before_it_starts(overrides, expected):
     assert proc.stderr.strip().splitlines() == [expected]  # no worker started, no traceback
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--models", "gpt_tiny,gpt5"], "error: --models row 'gpt5' is not known (valid: gpt_tiny, resnet20_tiny)"),
+    (["--steps", "0"], "error: --steps 0 is not valid (valid: a positive number of timed steps)"),
+])
+def test_accelerator_bench_names_a_bad_option_before_it_starts(args, expected, tmp_path):
+    proc = run_cli(["--smoke", *args, "--out", str(tmp_path / "a.json")], module="scripts/accelerator_bench.py",
+                   check=False, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [expected]  # nothing was timed, no traceback
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_accelerator_bench_smoke_run_reports_every_section(tmp_path):
     """The GPU/TPU table's script, at tiny shapes on CPU: every section filled (speed is never checked)."""
     out = tmp_path / "accelerator.json"
