@@ -46,6 +46,7 @@ from jax import lax  # noqa: E402
 
 from models import cpu_kernels  # noqa: E402
 from models.layers import channel_sums, cpu_conv, cpu_dot, dot_product_attention, max_pool  # noqa: E402
+from scripts.bench import replace_text  # noqa: E402
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 OPS = ("forward", "input_grad", "weight_grad")
@@ -365,8 +366,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "date": date.today().isoformat(),
               "command": command, "batch": args.batch, "rounds": args.rounds, "against": args.against, "rows": rows,
               "attention": attention, "pools": pools, "norms": norms}
-    out.with_suffix(".json.partial").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".json.partial").replace(out)
+    replace_text(out, json.dumps(result, indent=1))
     def table(title: str, unit: str, names: tuple, found: list, libs: list) -> list[str]:
         if not found:
             return []

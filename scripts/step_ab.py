@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.calls < 1:
         sys.exit(f"error: --rounds {args.rounds} and --calls {args.calls} must be at least 1")
-    from scripts.bench import writable_out
+    from scripts.bench import replace_text, writable_out
 
     args.out = writable_out(args.out, "step_ab.json")  # now, not after the timing
 
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_ms": {name: 1e3 * statistics.median(t) for name, t in times.items()},
         "speedup": [statistics.median(ratios), min(ratios), max(ratios)],
     }
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    replace_text(args.out, json.dumps(result, indent=1) + "\n")
     median, low, high = result["speedup"]
     print(f"`{result['command']}`, {result['date']}: step {result['step_ms']['before']:.3g} ms with "
           f"{args.against}'s kernels, {result['step_ms']['after']:.3g} ms with the working tree's; speedup "
