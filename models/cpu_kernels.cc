@@ -59,6 +59,16 @@ static const float* padded(const float* x, int64_t h, int64_t w, int64_t c, int6
   return out;
 }
 
+// Part `part` of `parts` of the `count` floats at p asked into L2: the image a thread likely takes next (threads
+// take images in turn), spread over the rows of the one it computes, so that its copy into padded scratch reads the
+// cache instead of waiting on memory (memmove was 5% of ResNet-20's step). Per op ResNet-20's 28x28x16 layers
+// 1.02-1.05x, its step 1.01-1.02x (Zen 4); results unchanged.
+static void prefetch_part(const float* p, int64_t count, int64_t part, int64_t parts) {
+  constexpr int64_t kLine = 64 / sizeof(float);
+  for (int64_t i = part * count / parts / kLine * kLine; i < (part + 1) * count / parts; i += kLine)
+    __builtin_prefetch(p + i, 0, 2);
+}
+
 // y[b, o0:o0+kLanes*NC] for BW neighbouring output pixels b. xs points at the first one's window, whose rows are run
 // contiguous values apart xrow, the next pixel's window pstride further; w at [0, o0], rows of wstride, run rows
 // per window row. BW * NC accumulators stay in registers; each x value is loaded once for NC vectors, each w
@@ -195,12 +205,14 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
     return ffi::Error::Success();
   }
 #endif
-  parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+  const int64_t workers = num_workers(pool, n);
+  parallel_for(pool, n, workers, [=](int64_t b, int64_t) {
     thread_local Scratch scratch;
     const float* xb = xp + b * h * wi * c;
     const float* xs = padded(xb, h, wi, c, pt, pl, rows, cols, scratch);
     int64_t xrow = (xs == xb ? wi : cols) * c;
-    for (int64_t r = 0; r < ho; ++r)
+    for (int64_t r = 0; r < ho; ++r) {
+      if (xs != xb && b + workers < n) prefetch_part(xb + workers * h * wi * c, h * wi * c, r, ho);
       for (int64_t i = 0; i < blocks(wo, pixels(co)); ++i) {
         const int64_t q = block_start(i, wo, pixels(co));
         const int nb = (int)(block_start(i + 1, wo, pixels(co)) - q);
@@ -208,6 +220,7 @@ static ffi::Error ConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
           forward_tail<kAccumulators>(nb, nc, xs + r * sh * xrow + q * sw * c, xrow, kw * c, sw * c, wp + o, cv,
                                       kh, yp + ((b * ho + r) * wo + q) * co + o, co, lanes(co, o, nc));
       }
+    }
   });
   return ffi::Error::Success();
 }
@@ -332,10 +345,12 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
   float* xp = dx->typed_data();
   const auto* pk = &packed;
   const auto *php = &ph, *pwp = &pw;
-  parallel_for(pool, n, num_workers(pool, n), [=](int64_t b, int64_t) {
+  const int64_t workers = num_workers(pool, n);
+  parallel_for(pool, n, workers, [=](int64_t b, int64_t) {
     thread_local Scratch scratch;
     const float* db = dp + b * ho * wo * co;
     const float* ds = padded(db, ho, wo, co, top, left, rows, cols, scratch);
+    const bool fetch = ds != db && b + workers < n;
     int64_t drow = (ds == db ? wo : cols) * co;
     float* xb = xp + b * h * wi * c;
     for (int64_t rh = 0; rh < sh; ++rh)
@@ -344,6 +359,8 @@ static ffi::Error ConvInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, 
         const float* wq = (*pk)[rh * sw + rw].data();
         int64_t nq = (wi - rw + sw - 1) / sw;  // dx columns in this phase
         for (int64_t a = 0; rh + sh * a < h; ++a) {
+          if (fetch && rh == 0 && rw == 0)
+            prefetch_part(db + workers * ho * wo * co, ho * wo * co, a, (h + sh - 1) / sh);
           float* xr = xb + (rh + sh * a) * wi * c;
           // Tap t reads dy row d0 + t: only taps [t0, t1) reach one of dy's rows (a VALID layer's border rows
           // meet few; LeNet's conv2 60 -> 40 tap rows an image).
@@ -547,11 +564,15 @@ static ffi::Error ConvWeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
       const bool in_place = xs == xb;
       int64_t xrow = (in_place ? wi : cols) * c, ximage = in_place ? h * wi * c : rows * cols * c;
       const float* db = widened(dp + b * ho * wo * co, count * ho * wo, co, dy_wide);
+      const int64_t next = std::min(group_size, end - b - count), steps = (run + block - 1) / block;
       for (int64_t i = 0; i < kh; ++i)
-        for (int64_t t = 0; t < run; t += block)
+        for (int64_t t = 0; t < run; t += block) {
+          if (!in_place && next > 0)
+            prefetch_part(xb + count * h * wi * c, next * h * wi * c, i * steps + t / block, kh * steps);
           for (int64_t o = 0; o < cv; o += kLanes * nc)
             weight_rows((int)std::min<int64_t>(block, run - t), nc, xs + i * xrow + t, xrow, sw * c, sh, db + o, ho,
                         wo, cv, acc + (i * run + t) * cv + o, count, ximage);
+        }
     }
   });
   float* out = dw->typed_data();
