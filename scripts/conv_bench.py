@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
                    libraries)
     lines += table("batch-norm statistics (sum and sum of squares per channel)", "ms", NORM_OPS, norms,
                    norm_libraries)
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    replace_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 
