@@ -724,12 +724,12 @@ def test_flops_count_the_fused_attention():
 def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(tmp_path):
     """Laptops without AVX-512 build the kernels with 8-float (AVX2) or 4-float (SSE) vectors: both built here, side
     by side in one fresh process (the build's flags patched, the SSE build under its own names), convolutions, the
-    max pool (values and gradients) and attention still equal lax's, computed once for both (everything jitted:
-    eager dispatch took half the test's time)."""
+    max pool (values and gradients), attention and the selective scan still equal lax's, computed once for both
+    (everything jitted: eager dispatch took half the test's time)."""
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from models import cpu_kernels, layers
+from models import cpu_kernels, layers, sequential_scan
 march = lambda name: lambda: ["-O2", f"-march={name}", "-std=c++17", "-shared", "-fPIC", "-w"]
 cpu_kernels._flags = march("x86-64")  # SSE: 4-float vectors
 cpu_kernels.register(cpu_kernels.built(), "sse_")
@@ -801,6 +801,26 @@ def check(prefix):
         want = reference(lambda: loss_of(lambda *a: layers.einsum_attention(*a, mask)), "attention", t, dh, causal)
         for got, expected in zip(jax.tree.leaves(fused), jax.tree.leaves(want)):
             np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
+    # the selective scan's channels in vectors: 6 (under AVX2's 8, SSE's 4 + 2) and 20 (2.5 and 5 vectors), chunks
+    # of 64 tokens and a partial one; values and all six gradients against XLA's lax.scan of the same recurrence
+    for batch, length, d, n in [(2, 37, 6, 4), (1, 150, 20, 16)]:
+        k = jax.random.split(jax.random.key(d), 7)
+        inputs = (jax.nn.softplus(jax.random.normal(k[0], (batch, length, d)) - 1), -jnp.exp(jax.random.normal(
+            k[1], (d, n))), *(jax.random.normal(kk, (batch, length, s)) for kk, s in zip(k[2:5], (n, n, d))),
+                  jax.random.normal(k[5], (batch, d, n)))
+        w = jax.random.normal(k[6], (batch, length, d))
+        def scan_grads(scan):  # both outputs in the loss, so both cotangents reach the backward
+            loss = lambda *a: jnp.sum(w * jnp.sin(scan(*a)[0])) + jnp.sum(scan(*a)[1] ** 2)
+            return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(*inputs)
+        def lax_scan(dt, A, B, C, x, h0):
+            dt, B, C, x = (jnp.swapaxes(v, 0, 1) for v in (dt, B, C, x))  # time-major, as _scan takes them
+            y, h = sequential_scan._scan(dt, A, B, C, x, h0)
+            return jnp.swapaxes(y, 0, 1), h
+        backward = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(sequential_scan.scan_sequential(*a)[0])))(*inputs)
+        assert prefix + "selective_scan_grad" in str(backward)
+        want = reference(lambda: scan_grads(lax_scan), "scan", d)
+        for got, expected in zip(jax.tree.leaves(scan_grads(sequential_scan.scan_sequential)), jax.tree.leaves(want)):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 for prefix in ("sse_", "archlab_"):
     with cpu_kernels.tracing_with(prefix):
         check(prefix)
