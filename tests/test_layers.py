@@ -805,10 +805,11 @@ def check(prefix):
     # of 64 tokens and a partial one; values and all six gradients against XLA's lax.scan of the same recurrence
     for batch, length, d, n in [(2, 37, 6, 4), (1, 150, 20, 16)]:
         k = jax.random.split(jax.random.key(d), 7)
-        inputs = (jax.nn.softplus(jax.random.normal(k[0], (batch, length, d)) - 1), -jnp.exp(jax.random.normal(
-            k[1], (d, n))), *(jax.random.normal(kk, (batch, length, s)) for kk, s in zip(k[2:5], (n, n, d))),
-                  jax.random.normal(k[5], (batch, d, n)))
-        w = jax.random.normal(k[6], (batch, length, d))
+        dt = jax.nn.softplus(jax.random.normal(k[0], (batch, length, d)) - 1)
+        A = -jnp.exp(jax.random.normal(k[1], (d, n)))
+        B, C = (jax.random.normal(kk, (batch, length, n)) for kk in k[2:4])
+        x, w = (jax.random.normal(kk, (batch, length, d)) for kk in k[4:6])
+        inputs = (dt, A, B, C, x, jax.random.normal(k[6], (batch, d, n)))  # the last: h0
         def scan_grads(scan):  # both outputs in the loss, so both cotangents reach the backward
             loss = lambda *a: jnp.sum(w * jnp.sin(scan(*a)[0])) + jnp.sum(scan(*a)[1] ** 2)
             return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(*inputs)
