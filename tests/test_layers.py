@@ -729,7 +729,9 @@ def test_cpu_kernels_built_for_narrower_vectors_compute_the_same(tmp_path):
     code = """
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from models import cpu_kernels, layers, sequential_scan
+from models import cpu_kernels, layers
+from models.sequential_scan import scan_sequential
+from tests.test_mamba import scan_inputs
 march = lambda name: lambda: ["-O2", f"-march={name}", "-std=c++17", "-shared", "-fPIC", "-w"]
 cpu_kernels._flags = march("x86-64")  # SSE: 4-float vectors
 cpu_kernels.register(cpu_kernels.built(), "sse_")
@@ -804,23 +806,22 @@ def check(prefix):
     # the selective scan's channels in vectors: 6 (under AVX2's 8, SSE's 4 + 2) and 20 (2.5 and 5 vectors), chunks
     # of 64 tokens and a partial one; values and all six gradients against XLA's lax.scan of the same recurrence
     for batch, length, d, n in [(2, 37, 6, 4), (1, 150, 20, 16)]:
-        k = jax.random.split(jax.random.key(d), 7)
-        dt = jax.nn.softplus(jax.random.normal(k[0], (batch, length, d)) - 1)
-        A = -jnp.exp(jax.random.normal(k[1], (d, n)))
-        B, C = (jax.random.normal(kk, (batch, length, n)) for kk in k[2:4])
-        x, w = (jax.random.normal(kk, (batch, length, d)) for kk in k[4:6])
-        inputs = (dt, A, B, C, x, jax.random.normal(k[6], (batch, d, n)))  # the last: h0
-        def scan_grads(scan):  # both outputs in the loss, so both cotangents reach the backward
-            loss = lambda *a: jnp.sum(w * jnp.sin(scan(*a)[0])) + jnp.sum(scan(*a)[1] ** 2)
+        k = jax.random.split(jax.random.key(d), 2)
+        inputs = (*scan_inputs(batch, length, d, n), jax.random.normal(k[0], (batch, d, n)))  # the last: h0
+        w = jax.random.normal(k[1], (batch, length, d))
+        def scan_grads():  # both outputs in the loss, so both cotangents reach the backward
+            loss = lambda *a: jnp.sum(w * jnp.sin(scan_sequential(*a)[0])) + jnp.sum(scan_sequential(*a)[1] ** 2)
             return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(6))))(*inputs)
-        def lax_scan(dt, A, B, C, x, h0):
-            dt, B, C, x = (jnp.swapaxes(v, 0, 1) for v in (dt, B, C, x))  # time-major, as _scan takes them
-            y, h = sequential_scan._scan(dt, A, B, C, x, h0)
-            return jnp.swapaxes(y, 0, 1), h
-        backward = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(sequential_scan.scan_sequential(*a)[0])))(*inputs)
+        def xla_scan_grads():  # the same function with the kernels off: its lax.scan
+            cpu_kernels.enable(False)
+            try:
+                return scan_grads()
+            finally:
+                cpu_kernels.enable(True)
+        backward = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(scan_sequential(*a)[0])))(*inputs)
         assert prefix + "selective_scan_grad" in str(backward)
-        want = reference(lambda: scan_grads(lax_scan), "scan", d)
-        for got, expected in zip(jax.tree.leaves(scan_grads(sequential_scan.scan_sequential)), jax.tree.leaves(want)):
+        want = reference(xla_scan_grads, "scan", d)
+        for got, expected in zip(jax.tree.leaves(scan_grads()), jax.tree.leaves(want)):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 for prefix in ("sse_", "archlab_"):
     with cpu_kernels.tracing_with(prefix):
