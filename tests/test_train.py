@@ -66,3 +66,31 @@ def test_step_metrics_travel_as_one_array_and_sum_by_name():
     assert steps[0].names == ("count", "first_nonfinite", "loss")
     assert float(steps[1]["loss"]) == 1.5
     assert window_sums(jax.device_get(steps)) == {"count": 12.0, "first_nonfinite": 7.0, "loss": 4.5}
+
+
+def busy_step(seconds: float):
+    """A jitted step of about `seconds` of matrix products (not a host callback: one makes dispatch synchronous)."""
+    w = jnp.eye(256)
+    products = lambda n: jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ w), x))
+    probe, x = products(64), jnp.ones((256, 256))
+    probe(x).block_until_ready()
+    start = time.perf_counter()
+    probe(x).block_until_ready()
+    return products(max(1, round(64 * seconds / (time.perf_counter() - start))))
+
+
+def test_the_loop_runs_at_most_two_steps_ahead_and_one_when_steps_are_long():
+    """Asynchronous dispatch would queue steps up to the next log, and on CPU each queued step holds its own working
+    memory (Throttle): a step is dispatched only once the one before the last has finished, and after the last
+    has finished if steps are long."""
+    from train.loop import LONG_STEP_SECONDS, Throttle
+
+    for seconds, long in [(LONG_STEP_SECONDS / 5, False), (4 * LONG_STEP_SECONDS, True)]:
+        step, throttle, x, outs = busy_step(seconds), Throttle(), jnp.ones((256, 256)), []
+        for _ in range(6):
+            x = step(x)
+            throttle(x)
+            outs.append(x)
+            assert all(out.is_ready() for out in outs[:-1]), seconds  # the newest and the next at most in flight
+            if long:
+                assert outs[-1].is_ready()  # a long step runs alone
