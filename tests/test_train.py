@@ -74,9 +74,12 @@ def busy_step(seconds: float):
     products = lambda n: jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(y @ w), x))
     probe, x = products(64), jnp.ones((256, 256))
     probe(x).block_until_ready()
-    start = time.perf_counter()
-    probe(x).block_until_ready()
-    return products(max(1, round(64 * seconds / (time.perf_counter() - start))))
+    best = float("inf")
+    for _ in range(3):  # the fastest: a step slowed by the other tests' load is longer, never shorter, than asked
+        start = time.perf_counter()
+        probe(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return products(max(1, round(64 * seconds / best)))
 
 
 def test_the_loop_runs_at_most_two_steps_ahead_and_one_when_steps_are_long():
@@ -85,7 +88,7 @@ def test_the_loop_runs_at_most_two_steps_ahead_and_one_when_steps_are_long():
     has finished if steps are long."""
     from train.loop import LONG_STEP_SECONDS, Throttle
 
-    for seconds, long in [(LONG_STEP_SECONDS / 5, False), (4 * LONG_STEP_SECONDS, True)]:
+    for seconds, long in [(LONG_STEP_SECONDS / 5, False), (8 * LONG_STEP_SECONDS, True)]:
         step, throttle, x, outs = busy_step(seconds), Throttle(), jnp.ones((256, 256)), []
         for _ in range(6):
             x = step(x)
