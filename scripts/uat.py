@@ -28,7 +28,6 @@ from data.functions import TARGETS
 from train import loop, runtime
 from train import mesh as mesh_lib
 from train.config import check_group_choices
-from train.tasks import summarize
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -64,11 +63,7 @@ def sweep_points(cfg: DictConfig) -> list[dict]:
 
 def split_mse(exp: loop.Experiment, eval_step: Callable, state: Any, split: str) -> float:
     """Mean squared error over a whole split of the dataset ("train" grid or held-out "test" midpoints)."""
-    totals = None
-    for batch in exp.dataset.eval_batches(exp.cfg.trainer.eval_batch_size, exp.shard, split=split):
-        sums = eval_step(state, mesh_lib.global_batch(batch, exp.mesh))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    return summarize(jax.device_get(totals), exp.task)["loss"]
+    return loop.evaluate(exp, eval_step, state, split=split)["loss"]
 
 
 def fit(cfg: DictConfig, point: dict, run_dir: Path, curve_x: np.ndarray | None = None) -> dict:

@@ -367,10 +367,11 @@ class Throttle:
             self.finished_at = now
 
 
-def evaluate(exp: Experiment, eval_step: Callable, state) -> dict[str, float]:
-    """Metrics over the whole evaluation split (padding rows masked out)."""
+def evaluate(exp: Experiment, eval_step: Callable, state, **batches: Any) -> dict[str, float]:
+    """Metrics over the whole evaluation split (padding rows masked out); `batches` go to the dataset's
+    `eval_batches` (the UAT's `split`)."""
     totals, throttle = None, Throttle()
-    for batch in exp.dataset.eval_batches(exp.cfg.trainer.eval_batch_size, exp.shard):
+    for batch in exp.dataset.eval_batches(exp.cfg.trainer.eval_batch_size, exp.shard, **batches):
         sums = eval_step(state, mesh_lib.global_batch(batch, exp.mesh))
         throttle(sums)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
